@@ -1,0 +1,59 @@
+"""Hypothesis strategies shared by every test: configs over every knob, within a size budget.
+
+The budget (width <= 24, <= 12 tokens, depth <= 2, batch <= 3) keeps one reference forward and
+backward in float64 around a millisecond, so a full finite-difference sweep per example stays cheap.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from vitspec.config import ViTConfig
+from vitspec.gradcheck import random_images, random_params
+
+__all__ = ["configs", "random_images", "random_params"]
+
+WIDTH_HEADS = [(w, h) for w in (8, 12, 16, 24) for h in (1, 2, 3, 4, 6) if w % h == 0 and w // h >= 2]
+
+
+@st.composite
+def configs(draw: st.DrawFn, *, max_depth: int = 2, allow_none_pool: bool = True) -> ViTConfig:
+    """Any valid ViTConfig in the size budget; every knob and their combinations are reachable."""
+    width, num_heads = draw(st.sampled_from(WIDTH_HEADS))
+    patch = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    grid = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pools = ["token", "gap", "map"] + (["none"] if allow_none_pool else [])
+    pool = draw(st.sampled_from(pools))
+    class_token = True if pool == "token" else draw(st.booleans())
+    num_registers = draw(st.integers(0, 2))
+    posemb = draw(st.sampled_from(["learned", "sincos2d", "none"]))
+    prefix = int(class_token) + num_registers
+    posemb_on_cls = False if (posemb == "sincos2d" and prefix) else draw(st.booleans())
+    return ViTConfig(
+        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        patch_size=patch,
+        in_channels=draw(st.integers(1, 3)),
+        width=width,
+        depth=draw(st.integers(1, max_depth)),
+        num_heads=num_heads,
+        mlp_dim=draw(st.sampled_from([4, 8, 20, 32])),
+        num_classes=draw(st.sampled_from([0, 1, 3, 5])),
+        pool=pool,
+        class_token=class_token,
+        posemb=posemb,
+        posemb_on_cls=posemb_on_cls,
+        fc_norm=draw(st.booleans()),
+        representation_size=draw(st.sampled_from([None, 3, 7])),
+        qkv_bias=draw(st.booleans()),
+        # LayerNorm over a 2-wide head is +-1 smoothed at scale sqrt(ln_eps): a step function that
+        # no finite difference resolves and no real model has. qk-norm heads are >= 4 wide here.
+        qk_norm=draw(st.booleans()) if width // num_heads >= 4 else False,
+        layer_scale=draw(st.sampled_from([None, 0.1, 1e-5])),
+        num_registers=num_registers,
+        ln_eps=draw(st.sampled_from([1e-6, 1e-5, 1e-12])),
+        gelu=draw(st.sampled_from(["exact", "tanh"])),
+        # Rates must not change the eval-mode map: drawing them checks that.
+        dropout=draw(st.sampled_from([0.0, 0.1])),
+        attention_dropout=draw(st.sampled_from([0.0, 0.1])),
+        stochastic_depth=draw(st.sampled_from([0.0, 0.1])),
+    )

@@ -1,0 +1,65 @@
+"""The one tolerance table. Every number has its measured reason in SPEC.md ("Tolerances").
+
+Errors are relative to the tensor's scale: max|x - ref| / max|ref| (max-norm), so one number
+serves logits, intermediates and gradients of any size.
+
+- float64 is where the math is proven: a backend must match the float64 reference to `rel`.
+- float32 (and bfloat16) are judged against the reference's own error at that precision, as
+  flash-attention does: err(backend_lowp vs ref64) <= k * max(err(ref_lowp vs ref64), floor).
+  `floor` keeps k meaningful where the reference happens to be exact (e.g. a zero tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
+    "float64": {"forward": {"rel": 1e-11}, "grad": {"rel": 1e-10}},
+    "float32": {"forward": {"k": 8.0, "floor": 1e-7}, "grad": {"k": 8.0, "floor": 1e-7}},
+}
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {x.shape} != reference shape {ref.shape}")
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    diff = float(np.max(np.abs(x - ref))) if ref.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def tree_rel_errs(tree: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict[str, float]:
+    missing = sorted(set(ref) - set(tree))
+    extra = sorted(set(tree) - set(ref))
+    if missing or extra:
+        raise AssertionError(f"key sets differ: missing {missing}, unexpected {extra}")
+    return {k: rel_err(tree[k], ref[k]) for k in ref}
+
+
+def assert_close_f64(tree, ref, kind: str) -> dict[str, float]:
+    """Every entry within the float64 bound for `kind` ('forward' or 'grad'); returns the errors."""
+    bound = TOLERANCES["float64"][kind]["rel"]
+    errs = tree_rel_errs(tree, ref)
+    bad = {k: e for k, e in errs.items() if not e <= bound}
+    if bad:
+        raise AssertionError(f"float64 {kind} relative error above {bound:g}: {bad}")
+    return errs
+
+
+def assert_close_lowp(tree, ref64, ref_lowp, kind: str, dtype: str = "float32") -> dict[str, float]:
+    """Every entry's error vs float64 within k x the reference's own error at `dtype`.
+
+    Returns the ratios err(tree) / max(err(ref_lowp), floor), the numbers SPEC.md reports.
+    """
+    tol = TOLERANCES[dtype][kind]
+    errs = tree_rel_errs(tree, ref64)
+    own = tree_rel_errs(ref_lowp, ref64)
+    ratios = {k: errs[k] / max(own[k], tol["floor"]) for k in errs}
+    bad = {k: (errs[k], own[k]) for k, r in ratios.items() if not r <= tol["k"]}
+    if bad:
+        detail = "; ".join(f"{k}: backend {e:.3g} vs reference's own {o:.3g}" for k, (e, o) in bad.items())
+        raise AssertionError(f"{dtype} {kind} error above {tol['k']:g} x the reference's own: {detail}")
+    return ratios

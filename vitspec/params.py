@@ -1,0 +1,185 @@
+"""The canonical parameter tree: flat '/'-joined names, shapes from the config, seeded init.
+
+Layout rules (so the NumPy math reads like the paper and every converter is a table):
+- Dense kernels are [in, out] and applied as `x @ kernel + bias`; q/k/v/out of attention are
+  separate [width, width] matrices whose columns are head-major (head h owns columns
+  h*head_dim:(h+1)*head_dim).
+- The patch embedding kernel is [patch_h, patch_w, in_channels, width] (a conv in HWIO) and is
+  applied to each patch flattened in (row, column, channel) order.
+- LayerNorm has `scale` and `bias`; LayerScale has `scale`; tokens are rows without a batch axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+
+
+def _layer_norm(prefix: str, dim: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}/scale": (dim,), f"{prefix}/bias": (dim,)}
+
+
+def _dense(prefix: str, d_in: int, d_out: int, bias: bool = True) -> dict[str, tuple[int, ...]]:
+    shapes = {f"{prefix}/kernel": (d_in, d_out)}
+    if bias:
+        shapes[f"{prefix}/bias"] = (d_out,)
+    return shapes
+
+
+def _attention(prefix: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool) -> dict[str, tuple[int, ...]]:
+    d = cfg.width
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in ("query", "key", "value"):
+        shapes |= _dense(f"{prefix}/{name}", d, d, bias=qkv_bias)
+    if qk_norm:
+        shapes |= _layer_norm(f"{prefix}/q_norm", cfg.head_dim)
+        shapes |= _layer_norm(f"{prefix}/k_norm", cfg.head_dim)
+    shapes |= _dense(f"{prefix}/out", d, d)
+    return shapes
+
+
+def _mlp(prefix: str, cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    return _dense(f"{prefix}/fc1", cfg.width, cfg.mlp_dim) | _dense(f"{prefix}/fc2", cfg.mlp_dim, cfg.width)
+
+
+def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in forward order. SPEC.md has the same table in words."""
+    d = cfg.width
+    ph, pw = cfg.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embed/kernel": (ph, pw, cfg.in_channels, d),
+        "patch_embed/bias": (d,),
+    }
+    if cfg.class_token:
+        shapes["cls_token"] = (d,)
+    if cfg.num_registers:
+        shapes["reg_tokens"] = (cfg.num_registers, d)
+    if cfg.posemb == "learned":
+        shapes["pos_embed"] = (cfg.posemb_length, d)
+    for i in range(cfg.depth):
+        b = f"blocks/{i}"
+        shapes |= _layer_norm(f"{b}/norm1", d)
+        shapes |= _attention(f"{b}/attn", cfg, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm)
+        if cfg.layer_scale is not None:
+            shapes[f"{b}/ls1/scale"] = (d,)
+        shapes |= _layer_norm(f"{b}/norm2", d)
+        shapes |= _mlp(f"{b}/mlp", cfg)
+        if cfg.layer_scale is not None:
+            shapes[f"{b}/ls2/scale"] = (d,)
+    if not cfg.fc_norm:
+        shapes |= _layer_norm("norm", d)
+    if cfg.pool == "map":
+        # big_vision's MAPHead / timm's AttentionPoolLatent: always biased, no qk-norm.
+        shapes["map_head/probe"] = (d,)
+        shapes |= _attention("map_head/attn", cfg, qkv_bias=True, qk_norm=False)
+        shapes |= _layer_norm("map_head/norm", d)
+        shapes |= _mlp("map_head/mlp", cfg)
+    if cfg.fc_norm:
+        shapes |= _layer_norm("fc_norm", d)
+    if cfg.representation_size:
+        shapes |= _dense("pre_logits", d, cfg.representation_size)
+    if cfg.num_classes:
+        shapes |= _dense("head", cfg.feature_dim, cfg.num_classes)
+    return shapes
+
+
+def num_params(cfg: ViTConfig) -> int:
+    return sum(math.prod(s) for s in param_shapes(cfg).values())
+
+
+# --- init ---------------------------------------------------------------------------------------
+# big_vision / vision_transformer scheme; see SPEC.md "Initialization".
+
+def _xavier_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    fan_in, fan_out = shape[0], shape[-1]
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape)
+
+
+def _lecun_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    # jax's lecun_normal: a normal truncated to +-2 std, rescaled so the variance is 1/fan_in.
+    # 0.8796... is the std of a unit normal truncated to [-2, 2].
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    out = rng.standard_normal(size=shape)
+    bad = np.abs(out) > 2.0
+    while bad.any():
+        out[bad] = rng.standard_normal(size=int(bad.sum()))
+        bad = np.abs(out) > 2.0
+    return out * std
+
+
+def _init_one(rng: np.random.Generator, name: str, shape: tuple[int, ...], cfg: ViTConfig) -> np.ndarray:
+    leaf = name.rsplit("/", 1)[-1]
+    if name == "patch_embed/kernel":
+        return _lecun_normal(rng, shape, fan_in=shape[0] * shape[1] * shape[2])
+    if name == "pre_logits/kernel":
+        return _lecun_normal(rng, shape, fan_in=shape[0])
+    if name.startswith("head/") or name == "cls_token":
+        return np.zeros(shape)
+    if name == "pos_embed":
+        return rng.normal(0.0, 0.02, size=shape)
+    if name == "reg_tokens":
+        return rng.normal(0.0, 0.02, size=shape)
+    if name == "map_head/probe":
+        # big_vision: xavier_uniform on a (1, 1, width) tensor, i.e. fan_in 1, fan_out width.
+        return _xavier_uniform(rng, (1, shape[0]))[0]
+    if leaf == "kernel":
+        return _xavier_uniform(rng, shape)
+    if "/mlp/" in name and leaf == "bias":
+        return rng.normal(0.0, 1e-6, size=shape)
+    if name.endswith(("ls1/scale", "ls2/scale")):
+        return np.full(shape, cfg.layer_scale)
+    if leaf == "scale":
+        return np.ones(shape)
+    if leaf == "bias":
+        return np.zeros(shape)
+    raise AssertionError(f"no init rule for parameter {name!r}")
+
+
+def init_params(cfg: ViTConfig, seed: int = 0, dtype: np.dtype | type = np.float32) -> dict[str, np.ndarray]:
+    """Seeded init: the same seed gives the same tree on every machine and in every backend.
+
+    Each parameter draws from its own generator, seeded by (seed, name), so adding a knob that
+    adds a parameter does not change the others.
+    """
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        name_key = int.from_bytes(name.encode(), "little") % (2**63)
+        rng = np.random.default_rng([seed, name_key])
+        params[name] = _init_one(rng, name, shape, cfg).astype(dtype)
+    return params
+
+
+class ParamTreeError(ValueError):
+    """A parameter tree that does not match its config; the message lists every problem."""
+
+
+def validate_params(cfg: ViTConfig, params: dict[str, np.ndarray], source: str = "params") -> None:
+    """Raise ParamTreeError listing every missing, unexpected and mis-shaped key at once."""
+    expected = param_shapes(cfg)
+    missing = [k for k in expected if k not in params]
+    unexpected = sorted(k for k in params if k not in expected)
+    misshaped = [
+        f"{k}: expected {expected[k]}, got {tuple(np.shape(params[k]))}"
+        for k in expected
+        if k in params and tuple(np.shape(params[k])) != expected[k]
+    ]
+    not_float = [
+        f"{k}: dtype {np.asarray(params[k]).dtype}"
+        for k in expected
+        if k in params and not np.issubdtype(np.asarray(params[k]).dtype, np.floating)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if misshaped:
+        problems.append(f"shape mismatches ({len(misshaped)}): " + "; ".join(misshaped))
+    if not_float:
+        problems.append(f"non-float parameters ({len(not_float)}): " + "; ".join(not_float))
+    if problems:
+        raise ParamTreeError(f"{source} does not match the config:\n  " + "\n  ".join(problems))

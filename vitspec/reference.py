@@ -1,0 +1,226 @@
+"""The reference forward pass in pure NumPy: the definition of the math every backend must match.
+
+Small pure functions whose keyword arguments are the parameter tree's leaves (`kernel`, `bias`,
+`scale`), each ending in a shape comment. Vectorized over batch, tokens and heads. The dtype
+follows the images (float32 or float64); parameters are cast to it. Eval mode only: dropout and
+stochastic depth are training randomness and belong to the backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf  # float64-exact (NumPy has no erf; math.erf is scalar-only)
+
+from vitspec.config import ViTConfig
+from vitspec.params import validate_params
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_COEFF = 0.044715
+
+
+def unflatten(params: dict[str, np.ndarray]) -> dict:
+    """{'blocks/0/mlp/fc1/kernel': a} -> {'blocks': {'0': {'mlp': {'fc1': {'kernel': a}}}}}."""
+    tree: dict = {}
+    for name, value in params.items():
+        *scopes, leaf = name.split("/")
+        node = tree
+        for s in scopes:
+            node = node.setdefault(s, {})
+        node[leaf] = value
+    return tree
+
+
+def gelu(x, approximate: str):  # [...] -> [...]
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x**3)))
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def layer_norm(x, scale, bias, eps: float):  # [..., d] -> [..., d]
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)  # biased, as every framework's LN
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def dense(x, kernel, bias=None):  # [..., d_in] -> [..., d_out]
+    y = x @ kernel
+    return y if bias is None else y + bias
+
+
+def softmax(x):  # [..., n] -> [..., n]
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x):  # [..., n] -> [..., n]
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def split_heads(x, num_heads: int):  # [n, t, d] -> [n, heads, t, d/heads]
+    n, t, d = x.shape
+    return x.reshape(n, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):  # [n, heads, t, d/heads] -> [n, t, d]
+    n, h, t, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(n, t, h * dh)
+
+
+def attention(x_q, x_kv, query, key, value, out, num_heads: int, eps: float, q_norm=None, k_norm=None):
+    # [n, tq, d], [n, t, d] -> ([n, tq, d], probabilities [n, heads, tq, t])
+    q = split_heads(dense(x_q, **query), num_heads)
+    k = split_heads(dense(x_kv, **key), num_heads)
+    v = split_heads(dense(x_kv, **value), num_heads)
+    if q_norm is not None:
+        q = layer_norm(q, **q_norm, eps=eps)
+        k = layer_norm(k, **k_norm, eps=eps)
+    probs = softmax((q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2))
+    return dense(merge_heads(probs @ v), **out), probs
+
+
+def feed_forward(x, fc1, fc2, approximate: str):  # [..., d] -> [..., d]
+    return dense(gelu(dense(x, **fc1), approximate), **fc2)
+
+
+def block(x, cfg: ViTConfig, norm1, attn, norm2, mlp, ls1=None, ls2=None):
+    # [n, t, d] -> ([n, t, d], attention probabilities [n, heads, t, t])
+    h = layer_norm(x, **norm1, eps=cfg.ln_eps)
+    a, probs = attention(h, h, **attn, num_heads=cfg.num_heads, eps=cfg.ln_eps)
+    x = x + (a if ls1 is None else a * ls1["scale"])
+    m = feed_forward(layer_norm(x, **norm2, eps=cfg.ln_eps), **mlp, approximate=cfg.gelu)
+    return x + (m if ls2 is None else m * ls2["scale"]), probs
+
+
+def map_head(x, cfg: ViTConfig, probe, attn, norm, mlp):
+    # [n, t, d] -> ([n, d], attention probabilities [n, heads, 1, t])
+    query = np.broadcast_to(probe, (x.shape[0], 1, probe.shape[-1]))
+    y, probs = attention(query, x, **attn, num_heads=cfg.num_heads, eps=cfg.ln_eps)
+    y = y + feed_forward(layer_norm(y, **norm, eps=cfg.ln_eps), **mlp, approximate=cfg.gelu)
+    return y[:, 0], probs
+
+
+def patchify(images, patch_size: tuple[int, int]):  # [n, h, w, c] -> [n, gh*gw, ph*pw*c]
+    n, h, w, c = images.shape
+    ph, pw = patch_size
+    x = images.reshape(n, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (h // ph) * (w // pw), ph * pw * c)
+
+
+def embed_patches(images, cfg: ViTConfig, kernel, bias):  # [n, h, w, c] -> [n, patches, d]
+    return dense(patchify(images, cfg.patch_size), kernel.reshape(-1, kernel.shape[-1]), bias)
+
+
+def posemb_sincos2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """big_vision's fixed 2-D embedding (MoCo v3): [sin x, cos x, sin y, cos y], float64.
+
+    # -> [grid_h * grid_w, width]; x is the column index, y the row index, row-major order.
+    """
+    y, x = np.mgrid[:grid_h, :grid_w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    x = np.einsum("m,d->md", x.reshape(-1), omega)
+    y = np.einsum("m,d->md", y.reshape(-1), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+
+
+def add_tokens_and_posemb(x, cfg: ViTConfig, cls_token=None, reg_tokens=None, pos_embed=None):
+    # [n, patches, d] -> [n, tokens, d]; tokens are [class, registers..., patches]
+    n, _, d = x.shape
+    prefix = [np.broadcast_to(t.reshape(1, -1, d), (n, t.size // d, d)) for t in (cls_token, reg_tokens)
+              if t is not None]
+    if cfg.posemb == "sincos2d":
+        x = x + posemb_sincos2d(*cfg.grid_size, d).astype(x.dtype)
+    elif cfg.posemb == "learned" and not cfg.posemb_on_cls:
+        x = x + pos_embed
+    x = np.concatenate([*prefix, x], axis=1)
+    if cfg.posemb == "learned" and cfg.posemb_on_cls:
+        x = x + pos_embed
+    return x
+
+
+def pool(x, cfg: ViTConfig):  # [n, tokens, d] -> [n, d] ([n, tokens, d] for pool 'none')
+    if cfg.pool == "token":
+        return x[:, 0]
+    if cfg.pool == "gap":
+        return x[:, cfg.num_prefix_tokens:].mean(axis=1)
+    if cfg.pool == "none":
+        return x
+    raise AssertionError(f"pool {cfg.pool!r} has parameters: use map_head")
+
+
+def check_images(cfg: ViTConfig, images) -> np.ndarray:
+    images = np.asarray(images)
+    expected = (*cfg.image_size, cfg.in_channels)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"images have shape {images.shape}; the config expects [N, {', '.join(map(str, expected))}]"
+                         " (NHWC)")
+    if images.dtype not in (np.float32, np.float64):
+        raise ValueError(f"images have dtype {images.dtype}; the reference computes in float32 or float64")
+    return images
+
+
+def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermediates: bool = False,
+            attention_maps: bool = False):
+    """Logits for NHWC images, or with `intermediates`/`attention_maps` the dict of named values.
+
+    Intermediates: patch_embed [n, patches, d], tokens [n, t, d] (block 0's input), block_{i}
+    [n, t, d], encoded [n, t, d], pooled, pre_logits, logits; attention maps: attn_{i}
+    [n, heads, t, t] and, for pool 'map', map_attn [n, heads, 1, t].
+    """
+    validate_params(cfg, params)
+    images = check_images(cfg, images)
+    tree = unflatten({k: np.asarray(v, dtype=images.dtype) for k, v in params.items()})
+    out: dict[str, np.ndarray] = {}
+    x = out["patch_embed"] = embed_patches(images, cfg, **tree["patch_embed"])
+    x = out["tokens"] = add_tokens_and_posemb(
+        x, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed"))
+    for i in range(cfg.depth):
+        x, out[f"attn_{i}"] = block(x, cfg, **tree["blocks"][str(i)])
+        out[f"block_{i}"] = x
+    if not cfg.fc_norm:
+        x = layer_norm(x, **tree["norm"], eps=cfg.ln_eps)
+    out["encoded"] = x
+    if cfg.pool == "map":
+        x, out["map_attn"] = map_head(x, cfg, **tree["map_head"])
+    else:
+        x = pool(x, cfg)
+    if cfg.fc_norm:
+        x = layer_norm(x, **tree["fc_norm"], eps=cfg.ln_eps)
+    out["pooled"] = x
+    if cfg.representation_size:
+        x = np.tanh(dense(x, **tree["pre_logits"]))
+    out["pre_logits"] = x
+    if cfg.num_classes:
+        x = dense(x, **tree["head"])
+    out["logits"] = x
+    if not (intermediates or attention_maps):
+        return x
+    if not attention_maps:
+        out = {k: v for k, v in out.items() if not (k.startswith("attn_") or k == "map_attn")}
+    if not intermediates:
+        out = {k: v for k, v in out.items() if k.startswith("attn_") or k == "map_attn"}
+    return out
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Softmax cross-entropy, mean over the batch; targets (1 - eps) * onehot + eps / classes."""
+    logits = np.asarray(logits)
+    labels = np.asarray(labels)
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy needs logits [batch, classes], got shape {logits.shape}")
+    n, k = logits.shape
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got range [{labels.min()}, {labels.max()}]")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r}: expected a value in [0, 1)")
+    return -(smoothed_targets(labels, k, label_smoothing, logits.dtype) * log_softmax(logits)).sum(-1).mean()
+
+
+def smoothed_targets(labels, num_classes: int, label_smoothing: float, dtype) -> np.ndarray:
+    # [n] -> [n, classes]
+    onehot = np.eye(num_classes, dtype=dtype)[labels]
+    return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
