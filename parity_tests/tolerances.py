@@ -1,9 +1,12 @@
 """The one tolerance table. Every number has its measured reason in SPEC.md ("Tolerances").
 
 Errors are relative to the tensor's scale: max|x - ref| / max|ref| (max-norm), so one number
-serves logits, intermediates and gradients of any size. Gradients that are zero in exact math
-(EXACT_ZERO_GRADS: the key bias and k_norm bias shift a whole softmax row by a constant) are pure
-rounding in every implementation; their error is measured against the whole gradient tree's scale.
+serves logits, intermediates and gradients of any size. Gradients that are zero in exact math are
+pure rounding in every implementation (the key bias and k_norm bias shift a whole softmax row by a
+constant; q and k do nothing when there is one token); a relative error of rounding against rounding
+means nothing, so a gradient whose float64 reference is at most ZERO_GRAD x the tree's largest is
+measured against the tree's largest instead. Measured: such exact zeros are <= 3.1e-16 of the
+tree's largest, every other gradient >= 6e-4 of it (1,000 drawn configs).
 
 - float64 is where the math is proven: a backend must match the float64 reference to `rel`.
 - float32 (and bfloat16) are judged against the reference's own error at that precision, as
@@ -19,11 +22,13 @@ import numpy as np
 
 TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "float64": {"forward": {"rel": 1e-11}, "grad": {"rel": 1e-10}},
-    "float32": {"forward": {"k": 8.0, "floor": 1e-7}, "grad": {"k": 8.0, "floor": 1e-7}},
+    # floor: 4 float32 ulps (2**-21). A backend that orders its sums differently is a few ulps off;
+    # the reference landing closer than that on some tensor is luck, not a bar to hold others to.
+    "float32": {"forward": {"k": 8.0, "floor": 2.0**-21}, "grad": {"k": 8.0, "floor": 2.0**-21}},
 }
 
 
-EXACT_ZERO_GRADS = ("attn/key/bias", "attn/k_norm/bias")
+ZERO_GRAD = 1e-12
 
 
 def _max_abs(x) -> float:
@@ -49,8 +54,11 @@ def tree_rel_errs(tree: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
     if missing or extra:
         raise AssertionError(f"key sets differ: missing {missing}, unexpected {extra}")
     tree_scale = max(map(_max_abs, ref.values()), default=0.0)
-    return {k: rel_err(tree[k], ref[k], tree_scale if kind == "grad" and k.endswith(EXACT_ZERO_GRADS) else None)
-            for k in ref}
+
+    def scale(k: str) -> float | None:
+        return tree_scale if kind == "grad" and _max_abs(ref[k]) <= ZERO_GRAD * tree_scale else None
+
+    return {k: rel_err(tree[k], ref[k], scale(k)) for k in ref}
 
 
 def assert_close_f64(tree, ref, kind: str) -> dict[str, float]:

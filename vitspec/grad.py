@@ -185,11 +185,14 @@ def _backward(cfg: ViTConfig, tree: dict, images, out: dict, g_logits) -> dict[s
         g = g * (1.0 - np.square(out["pre_logits"]))
         g, grads["pre_logits"] = dense_vjp(out["pooled"], g, **tree["pre_logits"])
     encoded = out["encoded"]
+    patches = encoded[:, cfg.num_prefix_tokens:]
     if cfg.fc_norm:
-        pooled = ref.map_head(encoded, cfg, **tree["map_head"])[0] if cfg.pool == "map" else ref.pool(encoded, cfg)
+        pooled = ref.map_head(patches, cfg, **tree["map_head"])[0] if cfg.pool == "map" else ref.pool(encoded, cfg)
         g, grads["fc_norm"] = layer_norm_vjp(pooled, g, **tree["fc_norm"], eps=eps)
     if cfg.pool == "map":
-        g, grads["map_head"] = map_head_vjp(encoded, g, cfg, **tree["map_head"])
+        g_patches, grads["map_head"] = map_head_vjp(patches, g, cfg, **tree["map_head"])
+        g = np.zeros_like(encoded)
+        g[:, cfg.num_prefix_tokens:] = g_patches
     else:
         g = pool_vjp(g, cfg, encoded.shape)
     if not cfg.fc_norm:

@@ -167,7 +167,7 @@ def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermedia
 
     Intermediates: patch_embed [n, patches, d], tokens [n, t, d] (block 0's input), block_{i}
     [n, t, d], encoded [n, t, d], pooled, pre_logits, logits; attention maps: attn_{i}
-    [n, heads, t, t] and, for pool 'map', map_attn [n, heads, 1, t].
+    [n, heads, t, t] and, for pool 'map', map_attn [n, heads, 1, patches].
     """
     validate_params(cfg, params)
     images = check_images(cfg, images)
@@ -183,7 +183,7 @@ def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermedia
         x = layer_norm(x, **tree["norm"], eps=cfg.ln_eps)
     out["encoded"] = x
     if cfg.pool == "map":
-        x, out["map_attn"] = map_head(x, cfg, **tree["map_head"])
+        x, out["map_attn"] = map_head(x[:, cfg.num_prefix_tokens:], cfg, **tree["map_head"])
     else:
         x = pool(x, cfg)
     if cfg.fc_norm:

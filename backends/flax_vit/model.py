@@ -1,0 +1,296 @@
+"""The vitspec Vision Transformer as a flax.linen module whose parameter tree is big_vision's ViT.
+
+Module and parameter names follow google-research/big_vision `models/vit.py`, so its checkpoints
+load by name. Knobs big_vision lacks get names in the same style:
+
+    embedding/{kernel [ph, pw, C, D], bias [D]}             patch embedding (a strided conv)
+    cls [1, 1, D]                                           class token
+    reg [1, R, D]                                           register tokens (not in big_vision)
+    pos_embedding [1, L, D]                                 learned posemb; L = patches, or
+                                                            tokens when posemb_on_cls
+    Transformer/encoderblock_{i}/
+        LayerNorm_0, LayerNorm_1/{scale, bias}              pre-attention, pre-MLP norms
+        MultiHeadDotProductAttention_0/
+            {query, key, value}/{kernel [D, H, dh], bias [H, dh]}   (no bias if not qkv_bias)
+            {query_ln, key_ln}/{scale, bias} [dh]           qk_norm; flax's own MHDPA names,
+                                                            with a bias flax's version lacks
+            out/{kernel [H, dh, D], bias [D]}
+        LayerScale_0, LayerScale_1/scale [D]                layer scale (not in big_vision)
+        MlpBlock_0/{Dense_0, Dense_1}/{kernel, bias}
+    Transformer/encoder_norm/{scale, bias}                  final norm (absent with fc_norm)
+    MAPHead_0/{probe [1, 1, D], MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
+    fc_norm/{scale, bias}                                   norm after pooling (not in big_vision)
+    pre_logits/{kernel, bias}, head/{kernel, bias}
+
+Images are NHWC. Attention runs through `jax.nn.dot_product_attention` except where the attention
+probabilities themselves are needed (maps, attention dropout) or the computation is float64: that
+function always takes its softmax in float32, which would cap a float64 model at float32 accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vitspec.config import ViTConfig
+from vitspec.reference import posemb_sincos2d
+
+Dtype = Any
+
+# vitspec's init scheme (see vitspec/params.py), which is big_vision's but for a 0.02 posemb std.
+xavier_uniform = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)
+mlp_bias_init = nn.initializers.normal(stddev=1e-6)
+
+
+def drop_path_rates(cfg: ViTConfig) -> list[float]:
+    """Stochastic depth per block, linear from 0 at the first block to the full rate at the last."""
+    if cfg.depth == 1:
+        return [0.0]
+    return [cfg.stochastic_depth * i / (cfg.depth - 1) for i in range(cfg.depth)]
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    # Two-pass variance: flax's default E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+
+
+class LayerScale(nn.Module):
+    init_value: float
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.constant(self.init_value)
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        return x * jnp.asarray(scale, self.dtype or jnp.result_type(x, scale))
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    gelu: str
+    dropout: float = 0.0
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        dense = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": xavier_uniform,
+                 "bias_init": mlp_bias_init}
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, **dense)(x)
+        # Spelled out: flax's nn.gelu defaults to the tanh approximation.
+        x = nn.gelu(x, approximate=self.gelu == "tanh")
+        x = nn.Dropout(self.dropout)(x, deterministic)
+        return nn.Dense(width, **dense)(x)
+
+
+def attention_probabilities(query, key):
+    """softmax(q k^T / sqrt(dh)): [n, tq, heads, dh], [n, t, heads, dh] -> [n, heads, tq, t].
+
+    Softmax in at least float32 (as jax.nn.dot_product_attention), probabilities in the input dtype.
+    """
+    logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
+    query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", query, key, preferred_element_type=logits_dtype)
+    return jax.nn.softmax(logits, axis=-1).astype(key.dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    num_heads: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    ln_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, *, deterministic: bool = True, return_probs: bool = False):
+        """[n, tq, d], [n, t, d] -> ([n, tq, d], probabilities [n, heads, tq, t] or None)."""
+        width = inputs_q.shape[-1]
+        heads = (self.num_heads, width // self.num_heads)
+        project = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": xavier_uniform}
+        q = nn.DenseGeneral(heads, use_bias=self.qkv_bias, name="query", **project)(inputs_q)
+        k = nn.DenseGeneral(heads, use_bias=self.qkv_bias, name="key", **project)(inputs_kv)
+        v = nn.DenseGeneral(heads, use_bias=self.qkv_bias, name="value", **project)(inputs_kv)
+        if self.qk_norm:
+            q = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="query_ln")(q)
+            k = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="key_ln")(k)
+        needs_probs = return_probs or (self.dropout > 0.0 and not deterministic)
+        if needs_probs or q.dtype == jnp.float64:  # why float64: see the module docstring
+            probs = attention_probabilities(q, k)
+            mixed = jnp.einsum("nhqk,nkhd->nqhd", nn.Dropout(self.dropout)(probs, deterministic), v)
+        else:
+            probs, mixed = None, jax.nn.dot_product_attention(q, k, v)
+        y = nn.DenseGeneral(width, axis=(-2, -1), name="out", **project)(mixed)
+        return y, (probs if return_probs else None)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm block: x + ls1 * Attn(LN(x)), then x + ls2 * MLP(LN(x)); drop path per sample."""
+
+    config: ViTConfig
+    drop_path: float = 0.0
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True, return_probs: bool = False):
+        cfg = self.config
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        y = layer_norm(cfg.ln_eps, **kw)(x)
+        y, probs = MultiHeadDotProductAttention(
+            cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.ln_eps, cfg.attention_dropout, **kw
+        )(y, y, deterministic=deterministic, return_probs=return_probs)
+        x = x + self._residual_branch(y, deterministic)
+        y = layer_norm(cfg.ln_eps, **kw)(x)
+        y = MlpBlock(cfg.mlp_dim, cfg.gelu, cfg.dropout, **kw)(y, deterministic)
+        x = x + self._residual_branch(y, deterministic)
+        return x, probs
+
+    def _residual_branch(self, y, deterministic: bool):
+        y = nn.Dropout(self.config.dropout)(y, deterministic)
+        if self.config.layer_scale is not None:
+            y = LayerScale(self.config.layer_scale, self.dtype, self.param_dtype)(y)
+        # Stochastic depth: one keep/drop draw per sample, broadcast over tokens and features.
+        return nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(y, deterministic)
+
+
+class Encoder(nn.Module):
+    config: ViTConfig
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True, return_probs: bool = False):
+        """[n, t, d] -> (encoded, [output of each block], [attention probabilities of each block])."""
+        cfg = self.config
+        outputs, probs = [], []
+        for i, rate in enumerate(drop_path_rates(cfg)):
+            block = Encoder1DBlock(cfg, rate, self.dtype, self.param_dtype, name=f"encoderblock_{i}")
+            x, p = block(x, deterministic=deterministic, return_probs=return_probs)
+            outputs.append(x)
+            probs.append(p)
+        if not cfg.fc_norm:
+            x = layer_norm(cfg.ln_eps, self.dtype, self.param_dtype, name="encoder_norm")(x)
+        return x, outputs, probs
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over all tokens, then a residual MLP."""
+
+    config: ViTConfig
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, return_probs: bool = False):
+        """[n, t, d] -> ([n, d], probabilities [n, heads, 1, t] or None)."""
+        cfg = self.config
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        n, _, d = x.shape
+        probe = self.param("probe", xavier_uniform, (1, 1, d), self.param_dtype)
+        probe = jnp.broadcast_to(jnp.asarray(probe, x.dtype), (n, 1, d))
+        # Always biased and without qk-norm, as big_vision's and timm's pooling heads.
+        y, probs = MultiHeadDotProductAttention(cfg.num_heads, ln_eps=cfg.ln_eps, **kw)(
+            probe, x, return_probs=return_probs)
+        y = y + MlpBlock(cfg.mlp_dim, cfg.gelu, **kw)(layer_norm(cfg.ln_eps, **kw)(y))
+        return y[:, 0], probs
+
+
+class VisionTransformer(nn.Module):
+    """`module.apply(variables, images)` -> logits; see the module docstring for the tree.
+
+    `dtype` is the computation dtype (None: promote from inputs and parameters, as flax does);
+    `param_dtype` is the dtype `init` creates parameters in. `train=True` turns on dropout,
+    attention dropout and stochastic depth and needs `rngs={'dropout': key}`.
+    With `intermediates` and/or `attention_maps` the call returns a dict with the reference's keys
+    (`vitspec.forward`): patch_embed, tokens, block_{i}, encoded, pooled, pre_logits, logits, and
+    attn_{i} [n, heads, t, t] (+ map_attn [n, heads, 1, patches] for pool "map").
+    """
+
+    config: ViTConfig
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False, intermediates: bool = False,
+                 attention_maps: bool = False):
+        cfg = self.config
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        out = {}
+        x = out["patch_embed"] = self._embed_patches(images)
+        x = self._add_tokens_and_posemb(x)
+        x = out["tokens"] = nn.Dropout(cfg.dropout)(x, not train)
+        x, blocks, probs = Encoder(cfg, name="Transformer", **kw)(
+            x, deterministic=not train, return_probs=attention_maps)
+        out |= {f"block_{i}": b for i, b in enumerate(blocks)}
+        out |= {f"attn_{i}": p for i, p in enumerate(probs)}
+        out["encoded"] = x
+        if cfg.pool == "map":
+            x, out["map_attn"] = MAPHead(cfg, **kw)(x[:, cfg.num_prefix_tokens:], return_probs=attention_maps)
+        else:
+            x = pool_tokens(x, cfg)
+        if cfg.fc_norm:
+            x = layer_norm(cfg.ln_eps, name="fc_norm", **kw)(x)
+        out["pooled"] = x
+        if cfg.representation_size:
+            x = jnp.tanh(nn.Dense(cfg.representation_size, name="pre_logits", **kw)(x))
+        out["pre_logits"] = x
+        if cfg.num_classes:
+            x = nn.Dense(cfg.num_classes, name="head", kernel_init=nn.initializers.zeros, **kw)(x)
+        out["logits"] = x
+        return select_outputs(out, intermediates, attention_maps)
+
+    def _embed_patches(self, images):  # [n, h, w, c] -> [n, patches, d]
+        cfg = self.config
+        x = nn.Conv(cfg.width, cfg.patch_size, strides=cfg.patch_size, padding="VALID", name="embedding",
+                    dtype=self.dtype, param_dtype=self.param_dtype)(images)
+        n, gh, gw, d = x.shape
+        return x.reshape(n, gh * gw, d)
+
+    def _add_tokens_and_posemb(self, x):  # [n, patches, d] -> [n, tokens, d]
+        cfg = self.config
+        n, _, d = x.shape
+        prefix = []
+        if cfg.class_token:
+            prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype))
+        if cfg.num_registers:
+            prefix.append(self.param("reg", token_init, (1, cfg.num_registers, d), self.param_dtype))
+        prefix = [jnp.broadcast_to(jnp.asarray(t, x.dtype), (n, t.shape[1], d)) for t in prefix]
+        if cfg.posemb == "learned":
+            posemb = self.param("pos_embedding", token_init, (1, cfg.posemb_length, d), self.param_dtype)
+            posemb = jnp.asarray(posemb, x.dtype)
+            if cfg.posemb_on_cls:
+                return jnp.concatenate([*prefix, x], axis=1) + posemb
+            x = x + posemb
+        elif cfg.posemb == "sincos2d":
+            # A float64 NumPy constant, rounded once to the computation dtype.
+            x = x + jnp.asarray(posemb_sincos2d(*cfg.grid_size, d), x.dtype)
+        return jnp.concatenate([*prefix, x], axis=1)
+
+
+def pool_tokens(x, cfg: ViTConfig):  # [n, t, d] -> [n, d] ([n, t, d] for pool 'none')
+    if cfg.pool == "token":
+        return x[:, 0]
+    if cfg.pool == "gap":
+        return jnp.mean(x[:, cfg.num_prefix_tokens:], axis=1)
+    if cfg.pool == "none":
+        return x
+    raise AssertionError(f"pool {cfg.pool!r} is a module: MAPHead")
+
+
+def select_outputs(out: dict, intermediates: bool, attention_maps: bool):
+    """The logits alone, or the reference's dict: named intermediates and/or attention maps."""
+    if not (intermediates or attention_maps):
+        return out["logits"]
+    return {k: v for k, v in out.items() if (attention_maps if is_attention_map(k) else intermediates)}
+
+
+def is_attention_map(name: str) -> bool:
+    return name.startswith("attn_") or name == "map_attn"

@@ -1,0 +1,91 @@
+"""What every backend's parity test shares: the drawn case, the reference side, the measurement report.
+
+A case is a drawn config with float64 parameters, images, labels and a cotangent on the outputs.
+Its objective is the reference's loss where it has one (cross-entropy with label smoothing on
+per-image logits of two or more classes), else <cotangent, outputs>: so every config, `pool='none'`
+and `num_classes=0` included, has gradients to compare.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+import vitspec
+from parity_tests.strategies import configs, random_images, random_params
+from parity_tests.tolerances import TOLERANCES, tree_rel_errs
+
+LABEL_SMOOTHING = 0.1
+
+
+def uses_cross_entropy(cfg: vitspec.ViTConfig) -> bool:
+    """Per-image logits of two or more classes (with one class the loss is constant)."""
+    return cfg.pool != "none" and cfg.num_classes > 1
+
+
+class Case:
+    def __init__(self, cfg: vitspec.ViTConfig, seed: int, batch: int):
+        self.cfg = cfg
+        self.params = random_params(cfg, seed)
+        self.images = random_images(cfg, batch, seed + 1)
+        rng = np.random.default_rng(seed + 2)
+        self.labels = rng.integers(0, max(cfg.num_classes, 1), size=batch)
+        self.cotangent = rng.standard_normal(vitspec.forward(cfg, self.params, self.images).shape)
+
+    def __repr__(self) -> str:
+        return f"Case({self.cfg!r}, batch={len(self.images)})"
+
+    def at(self, dtype) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return {k: v.astype(dtype) for k, v in self.params.items()}, self.images.astype(dtype)
+
+    def reference(self, dtype) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(named intermediates with attention maps, gradients with "images") in `dtype`."""
+        params, images = self.at(dtype)
+        named = vitspec.forward(self.cfg, params, images, intermediates=True, attention_maps=True)
+        if uses_cross_entropy(self.cfg):
+            grads = vitspec.loss_and_grad(self.cfg, params, images, self.labels, LABEL_SMOOTHING)[1]
+        else:
+            grads = vitspec.vjp(self.cfg, params, images, self.cotangent.astype(dtype))
+        return named, grads
+
+
+cases = st.builds(Case, configs(), st.integers(0, 2**16), st.integers(1, 3))
+
+
+def as_float64(tree: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+
+class Report:
+    """Worst errors and float32 ratios over many cases: the numbers behind the tolerance table."""
+
+    def __init__(self) -> None:
+        self.worst: dict[str, tuple[float, str]] = {}
+        self.example_ratios: dict[str, list[float]] = {"forward": [], "grad": []}
+
+    def record(self, label: str, errors: dict[str, float]) -> None:
+        key, value = max(errors.items(), key=lambda kv: kv[1])
+        if value >= self.worst.get(label, (-1.0, ""))[0]:
+            self.worst[label] = (value, key)
+
+    def float64(self, named, ref_named, grads, ref_grads) -> None:
+        self.record("float64 forward error", tree_rel_errs(named, ref_named))
+        self.record("float64 grad error", tree_rel_errs(grads, ref_grads, "grad"))
+
+    def float32(self, kind: str, got, ref64, ref32) -> None:
+        errors, own = tree_rel_errs(got, ref64, kind), tree_rel_errs(ref32, ref64, kind)
+        floor = TOLERANCES["float32"][kind]["floor"]
+        ratios = {k: e / max(own[k], floor) for k, e in errors.items()}
+        self.record(f"float32 {kind} error", errors)
+        self.record(f"float32 {kind} reference's own error", own)
+        self.record(f"float32 {kind} ratio", ratios)
+        self.example_ratios[kind].append(max(ratios.values()))
+
+    def print(self) -> None:
+        for label, (value, key) in sorted(self.worst.items()):
+            print(f"{label:45s} {value:.3e}  ({key})")
+        for kind, values in self.example_ratios.items():
+            k = TOLERANCES["float32"][kind]["k"]
+            print(f"float32 {kind} worst ratio per example: median {np.median(values):.2f}, 99th percentile "
+                  f"{np.percentile(values, 99):.2f}, max {max(values):.2f}, above k={k:g} in "
+                  f"{sum(v > k for v in values)} of {len(values)}")

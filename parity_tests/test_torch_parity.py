@@ -1,0 +1,142 @@
+"""The PyTorch backend against the NumPy reference, over Hypothesis configs of every knob.
+
+float64: logits, every named intermediate, the attention maps and the gradients of every
+parameter and of the images match the reference to the float64 bounds. float32: the backend's
+error against the float64 reference stays within k x the reference's own float32 error.
+bfloat16 autocast: runs and stays finite; its error is measured, not bounded.
+
+`python -m parity_tests.test_torch_parity [examples]` prints the measured errors and ratios
+over many examples (the numbers behind the float32 k of the tolerance table).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vitspec
+from backends.torch_vit import VisionTransformer, from_reference, to_reference
+from parity_tests.cases import LABEL_SMOOTHING, Case, Report, cases, uses_cross_entropy
+from parity_tests.strategies import configs, random_params
+from parity_tests.tolerances import assert_close_f64, assert_close_lowp, tree_rel_errs
+
+TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+def torch_model(cfg, params, dtype) -> VisionTransformer:
+    model = VisionTransformer(cfg).to(TORCH_DTYPES[dtype])
+    model.load_state_dict(from_reference(params, cfg))
+    return model.eval()
+
+
+def to_nchw(images_nhwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
+
+
+def to_numpy_tree(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().double().numpy() for k, v in tensors.items()}
+
+
+def backend_named(model, images) -> dict[str, np.ndarray]:
+    """Intermediates from the fused-attention path, attention maps from the explicit one."""
+    with torch.no_grad():
+        named = model(to_nchw(images), intermediates=True)
+        with_maps = model(to_nchw(images), attention_maps=True)
+    return to_numpy_tree(named | with_maps)
+
+
+def objective(cfg, logits, labels, cotangent):
+    """The reference's loss where it has one (cross-entropy), else <cotangent, outputs>."""
+    if uses_cross_entropy(cfg):
+        return F.cross_entropy(logits, torch.from_numpy(labels), label_smoothing=LABEL_SMOOTHING)
+    return (logits * torch.from_numpy(cotangent).to(logits.dtype)).sum()
+
+
+def backend_grads(cfg, model, images, labels, cotangent) -> dict[str, np.ndarray]:
+    model.zero_grad()
+    images_nchw = to_nchw(images).clone().requires_grad_(True)
+    objective(cfg, model(images_nchw), labels, cotangent).backward()
+    grads = to_reference({k: p.grad for k, p in model.named_parameters()}, cfg)
+    grads["images"] = images_nchw.grad.permute(0, 2, 3, 1).numpy()
+    return {k: v.astype(np.float64) for k, v in grads.items()}
+
+
+def torch_named_and_grads(case: Case, dtype) -> tuple[dict, dict]:
+    params, images = case.at(dtype)
+    model = torch_model(case.cfg, params, dtype)
+    grads = backend_grads(case.cfg, model, images, case.labels, case.cotangent)
+    return backend_named(model, images), grads
+
+
+def bf16_autocast_named(case: Case) -> dict[str, np.ndarray]:
+    params, images = case.at(np.float32)
+    model = torch_model(case.cfg, params, np.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        named = model(to_nchw(images), intermediates=True)
+    return to_numpy_tree(named)
+
+
+@given(cases)
+def test_float64_matches_reference(case):
+    ref_named, ref_grads = case.reference(np.float64)
+    named, grads = torch_named_and_grads(case, np.float64)
+    params, images = case.at(np.float64)
+    with torch.no_grad():
+        maps = torch_model(case.cfg, params, np.float64)(to_nchw(images), attention_maps=True)
+    assert maps.keys() == vitspec.forward(case.cfg, params, images, attention_maps=True).keys()
+    assert_close_f64(named, ref_named, "forward")
+    assert_close_f64(grads, ref_grads, "grad")
+
+
+@given(cases)
+def test_float32_error_within_k_of_reference_own(case):
+    ref64_named, ref64_grads = case.reference(np.float64)
+    ref32_named, ref32_grads = case.reference(np.float32)
+    named, grads = torch_named_and_grads(case, np.float32)
+    assert_close_lowp(named, ref64_named, ref32_named, "forward")
+    assert_close_lowp(grads, ref64_grads, ref32_grads, "grad")
+
+
+@given(cases)
+def test_bfloat16_autocast_is_finite(case):
+    named = bf16_autocast_named(case)
+    assert all(np.isfinite(v).all() for v in named.values())
+    assert named["logits"].shape == vitspec.forward(case.cfg, case.params, case.images).shape
+
+
+@given(configs(), st.integers(0, 2**16), st.sampled_from([np.float32, np.float64]))
+def test_round_trip_reference_torch_reference_is_bit_exact(cfg, seed, dtype):
+    params = random_params(cfg, seed, dtype)
+    back = to_reference(from_reference(params, cfg), cfg)
+    assert list(back) == list(params)
+    for k in params:
+        assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
+
+
+def measure(examples: int) -> None:
+    """Print the worst errors, float32 ratios and bf16 errors over `examples` drawn cases."""
+    report = Report()
+
+    @settings(max_examples=examples, database=None, deadline=None)
+    @given(cases)
+    def measure_one(case):
+        (ref64_named, ref64_grads), (ref32_named, ref32_grads) = case.reference(np.float64), case.reference(np.float32)
+        named64, grads64 = torch_named_and_grads(case, np.float64)
+        named32, grads32 = torch_named_and_grads(case, np.float32)
+        report.float64(named64, ref64_named, grads64, ref64_grads)
+        report.float32("forward", named32, ref64_named, ref32_named)
+        report.float32("grad", grads32, ref64_grads, ref32_grads)
+        bf16 = bf16_autocast_named(case)
+        report.record("bf16 autocast forward error", tree_rel_errs(bf16, {k: ref64_named[k] for k in bf16}))
+
+    measure_one()
+    report.print()
+
+
+if __name__ == "__main__":
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200)

@@ -1,0 +1,62 @@
+"""Against timm itself, where it is installed: our state dicts load strictly into timm's
+VisionTransformer and both compute the same logits (float64).
+
+timm imports torchvision, which has no build matching the CPU torch this project pins, so on the
+project's own machines this module skips; run it where timm and a matching torchvision are
+installed. vitspec's gap and MAP both pool the patch tokens only, as timm's default
+`pool_include_prefix=False` does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from backends.torch_vit import VisionTransformer, from_reference
+from parity_tests.strategies import random_params
+from vitspec.config import ViTConfig
+
+vision_transformer = pytest.importorskip(
+    "timm.models.vision_transformer", reason="timm (with a torchvision matching this torch) is not installed")
+
+SMALL = dict(image_size=(4, 6), patch_size=(2, 3), in_channels=3, width=12, depth=2, num_heads=3, mlp_dim=24,
+             num_classes=5)
+VARIANTS = [
+    dict(pool="token"),
+    dict(pool="gap", class_token=False, fc_norm=True),
+    dict(pool="gap", class_token=True, num_registers=1),
+    dict(pool="map", class_token=False),
+    dict(pool="map", class_token=True, num_registers=2, fc_norm=True, posemb="none"),
+    dict(pool="token", num_registers=2, layer_scale=0.1, qk_norm=True, posemb_on_cls=False),
+    dict(pool="token", qkv_bias=False),
+    dict(pool="none", class_token=False, gelu="tanh", ln_eps=1e-12),
+]
+
+
+def timm_model(cfg: ViTConfig):
+    return vision_transformer.VisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_channels,
+        num_classes=cfg.num_classes, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+        init_values=cfg.layer_scale, class_token=cfg.class_token, reg_tokens=cfg.num_registers,
+        global_pool={"token": "token", "gap": "avg", "map": "map", "none": ""}[cfg.pool],
+        no_embed_class=not cfg.posemb_on_cls, fc_norm=cfg.fc_norm,
+        pos_embed="learn" if cfg.posemb == "learned" else "none",
+        norm_layer=partial(torch.nn.LayerNorm, eps=cfg.ln_eps),
+        act_layer=partial(torch.nn.GELU, approximate="none" if cfg.gelu == "exact" else "tanh"),
+    )
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=str)
+def test_state_dict_loads_strictly_into_timm_and_computes_the_same(overrides):
+    cfg = ViTConfig(**SMALL, **overrides)
+    state_dict = from_reference(random_params(cfg, 0), cfg)
+    theirs = timm_model(cfg).double().eval()
+    theirs.load_state_dict(state_dict, strict=True)
+    ours = VisionTransformer(cfg).double().eval()
+    ours.load_state_dict(state_dict)
+    images = torch.randn(2, cfg.in_channels, *cfg.image_size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(images), rtol=1e-12, atol=1e-12)
