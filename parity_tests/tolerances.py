@@ -24,7 +24,9 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "float64": {"forward": {"rel": 1e-11}, "grad": {"rel": 1e-10}},
     # floor: 4 float32 ulps (2**-21). A backend that orders its sums differently is a few ulps off;
     # the reference landing closer than that on some tensor is luck, not a bar to hold others to.
-    "float32": {"forward": {"k": 8.0, "floor": 2.0**-21}, "grad": {"k": 8.0, "floor": 2.0**-21}},
+    # k: the worst ratio measured over 520 configs was 2.85 (forward) and 12.1 (gradients: batch
+    # sums such as reg_tokens' and the images' cancel, so the reference can be lucky in more ways).
+    "float32": {"forward": {"k": 4.0, "floor": 2.0**-21}, "grad": {"k": 16.0, "floor": 2.0**-21}},
 }
 
 
