@@ -8,7 +8,10 @@ and `num_classes=0` included, has gradients to compare.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitspec
@@ -89,3 +92,26 @@ class Report:
             print(f"float32 {kind} worst ratio per example: median {np.median(values):.2f}, 99th percentile "
                   f"{np.percentile(values, 99):.2f}, max {max(values):.2f}, above k={k:g} in "
                   f"{sum(v > k for v in values)} of {len(values)}")
+
+
+def measure(examples: int, named_and_grads: Callable, bf16_named: Callable, bf16_label: str) -> None:
+    """Print a backend's worst errors and float32 ratios over `examples` drawn cases.
+
+    `named_and_grads(case, dtype) -> (named, grads)`, `bf16_named(case) -> named`.
+    """
+    report = Report()
+
+    @settings(max_examples=examples, database=None, deadline=None)
+    @given(cases)
+    def measure_one(case):
+        (ref64_named, ref64_grads), (ref32_named, ref32_grads) = case.reference(np.float64), case.reference(np.float32)
+        named64, grads64 = named_and_grads(case, np.float64)
+        named32, grads32 = (as_float64(t) for t in named_and_grads(case, np.float32))
+        report.float64(named64, ref64_named, grads64, ref64_grads)
+        report.float32("forward", named32, ref64_named, ref32_named)
+        report.float32("grad", grads32, ref64_grads, ref32_grads)
+        bf16 = bf16_named(case)
+        report.record(bf16_label, tree_rel_errs(bf16, {k: ref64_named[k] for k in bf16}))
+
+    measure_one()
+    report.print()

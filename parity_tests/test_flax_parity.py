@@ -20,11 +20,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import given
 
 from backends.flax_vit import VisionTransformer, cross_entropy, from_reference, to_reference
-from parity_tests.cases import LABEL_SMOOTHING, Case, Report, as_float64, cases, uses_cross_entropy
-from parity_tests.tolerances import assert_close_f64, assert_close_lowp, tree_rel_errs
+from parity_tests.cases import LABEL_SMOOTHING, Case, measure, as_float64, cases, uses_cross_entropy
+from parity_tests.tolerances import assert_close_f64, assert_close_lowp
 
 def flax_named_and_grads(case: Case, dtype) -> tuple[dict, dict]:
     """Named values and reference-named gradients from one jitted Flax computation in `dtype`."""
@@ -93,26 +93,5 @@ def test_bfloat16_runs_and_is_finite(case):
     assert named["logits"].shape == case.cotangent.shape
 
 
-def measure(examples: int) -> None:
-    """Print the worst errors and float32 ratios over `examples` drawn configs."""
-    report = Report()
-
-    @settings(max_examples=examples, database=None, deadline=None)
-    @given(cases)
-    def measure_one(case):
-        ref64_named, ref64_grads = case.reference(np.float64)
-        ref32_named, ref32_grads = case.reference(np.float32)
-        named64, grads64 = flax_named_and_grads(case, np.float64)
-        named32, grads32 = (as_float64(t) for t in flax_named_and_grads(case, np.float32))
-        report.float64(named64, ref64_named, grads64, ref64_grads)
-        report.float32("forward", named32, ref64_named, ref32_named)
-        report.float32("grad", grads32, ref64_grads, ref32_grads)
-        bf16 = bfloat16_named(case)
-        report.record("bfloat16 forward error", tree_rel_errs(bf16, {k: ref64_named[k] for k in bf16}))
-
-    measure_one()
-    report.print()
-
-
 if __name__ == "__main__":
-    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 100, flax_named_and_grads, bfloat16_named, "bfloat16 forward error")

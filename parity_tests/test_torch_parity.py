@@ -16,14 +16,14 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vitspec
 from backends.torch_vit import VisionTransformer, from_reference, to_reference
-from parity_tests.cases import LABEL_SMOOTHING, Case, Report, cases, uses_cross_entropy
+from parity_tests.cases import LABEL_SMOOTHING, Case, measure, cases, uses_cross_entropy
 from parity_tests.strategies import configs, random_params
-from parity_tests.tolerances import assert_close_f64, assert_close_lowp, tree_rel_errs
+from parity_tests.tolerances import assert_close_f64, assert_close_lowp
 
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 
@@ -118,25 +118,5 @@ def test_round_trip_reference_torch_reference_is_bit_exact(cfg, seed, dtype):
         assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
 
 
-def measure(examples: int) -> None:
-    """Print the worst errors, float32 ratios and bf16 errors over `examples` drawn cases."""
-    report = Report()
-
-    @settings(max_examples=examples, database=None, deadline=None)
-    @given(cases)
-    def measure_one(case):
-        (ref64_named, ref64_grads), (ref32_named, ref32_grads) = case.reference(np.float64), case.reference(np.float32)
-        named64, grads64 = torch_named_and_grads(case, np.float64)
-        named32, grads32 = torch_named_and_grads(case, np.float32)
-        report.float64(named64, ref64_named, grads64, ref64_grads)
-        report.float32("forward", named32, ref64_named, ref32_named)
-        report.float32("grad", grads32, ref64_grads, ref32_grads)
-        bf16 = bf16_autocast_named(case)
-        report.record("bf16 autocast forward error", tree_rel_errs(bf16, {k: ref64_named[k] for k in bf16}))
-
-    measure_one()
-    report.print()
-
-
 if __name__ == "__main__":
-    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200, torch_named_and_grads, bf16_autocast_named, "bf16 autocast forward error")

@@ -12,6 +12,7 @@ Layout rules (so the NumPy math reads like the paper and every converter is a ta
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -157,21 +158,16 @@ class ParamTreeError(ValueError):
     """A parameter tree that does not match its config; the message lists every problem."""
 
 
-def validate_params(cfg: ViTConfig, params: dict[str, np.ndarray], source: str = "params") -> None:
-    """Raise ParamTreeError listing every missing, unexpected and mis-shaped key at once."""
-    expected = param_shapes(cfg)
-    missing = [k for k in expected if k not in params]
-    unexpected = sorted(k for k in params if k not in expected)
-    misshaped = [
-        f"{k}: expected {expected[k]}, got {tuple(np.shape(params[k]))}"
-        for k in expected
-        if k in params and tuple(np.shape(params[k])) != expected[k]
-    ]
-    not_float = [
-        f"{k}: dtype {np.asarray(params[k]).dtype}"
-        for k in expected
-        if k in params and not np.issubdtype(np.asarray(params[k]).dtype, np.floating)
-    ]
+def tree_problems(expected: Mapping[str, tuple[int, ...]], arrays: Mapping[str, object],
+                  require_float: bool = True) -> list[str]:
+    """Every missing, unexpected, mis-shaped (and, if asked, non-float) key, one line per kind."""
+    missing = [k for k in expected if k not in arrays]
+    unexpected = sorted(k for k in arrays if k not in expected)
+    present = [k for k in expected if k in arrays]
+    misshaped = [f"{k}: expected {tuple(expected[k])}, got {tuple(np.shape(arrays[k]))}"
+                 for k in present if tuple(np.shape(arrays[k])) != tuple(expected[k])]
+    not_float = [f"{k}: dtype {np.asarray(arrays[k]).dtype}" for k in present
+                 if require_float and not np.issubdtype(np.asarray(arrays[k]).dtype, np.floating)]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing}")
@@ -181,5 +177,11 @@ def validate_params(cfg: ViTConfig, params: dict[str, np.ndarray], source: str =
         problems.append(f"shape mismatches ({len(misshaped)}): " + "; ".join(misshaped))
     if not_float:
         problems.append(f"non-float parameters ({len(not_float)}): " + "; ".join(not_float))
+    return problems
+
+
+def validate_params(cfg: ViTConfig, params: dict[str, np.ndarray], source: str = "params") -> None:
+    """Raise ParamTreeError listing every missing, unexpected and mis-shaped key at once."""
+    problems = tree_problems(param_shapes(cfg), params)
     if problems:
         raise ParamTreeError(f"{source} does not match the config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,266 @@
+"""What every external layout shares: the Format record and config inference from names and shapes.
+
+A checkpoint shows most of the config in its names and shapes (`Facts`); the rest (heads in
+torch layouts, GELU form, LayerNorm epsilon, a posemb that is not a parameter) comes from flags
+or else from the source ecosystem's convention (`Convention`). Every value not read from the file
+is reported in the notes, so nothing is assumed silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from vitspec.config import VIT_SIZES, ViTConfig
+from vitspec.formats.table import FormatError, Rule, native_from_reference, reference_from_native, refuse
+
+# What a file may not show, as flags, and the config field each one sets (image_size: the source's).
+CONFIG_FIELDS = {"heads": "num_heads", "gelu": "gelu", "ln_eps": "ln_eps", "posemb": "posemb", "pool": "pool",
+                 "image_size": "image_size"}
+CONFIG_FLAGS = tuple(CONFIG_FIELDS)
+# LayerScale's init value is not stored; any value computes the same function from the stored gammas.
+LAYER_SCALE_PLACEHOLDER = 1.0
+# The image size every ecosystem's ViT defaults to, for checkpoints without a position embedding.
+DEFAULT_IMAGE_SIZE = 224
+
+
+class Facts(NamedTuple):
+    """The config as far as a checkpoint's names and shapes show it."""
+    width: int
+    depth: int
+    mlp_dim: int
+    patch_size: tuple[int, int]
+    in_channels: int
+    num_classes: int
+    representation_size: int | None
+    class_token: bool
+    num_registers: int
+    posemb_rows: int | None  # rows of a learned position embedding; None when there is none
+    qkv_bias: bool
+    qk_norm: bool
+    layer_scale: bool
+    fc_norm: bool
+    map_head: bool
+    heads: int | None  # None where the layout does not show it
+
+
+class Convention(NamedTuple):
+    """What an ecosystem's checkpoints mean where the file is silent."""
+    ecosystem: str
+    gelu: str
+    ln_eps: float
+    posemb_absent: str  # posemb of a checkpoint without a position-embedding parameter
+    posemb_on_cls: bool  # where the shapes cannot tell (no prefix tokens, or ambiguous lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One external layout: its table, what it cannot express, and how to read its config."""
+    name: str
+    description: str
+    convention: Convention
+    build_table: Callable[[ViTConfig, Collection[str] | None], list[Rule]]
+    cannot_express: Callable[[ViTConfig], list[str]]
+    read_facts: Callable[[Mapping[str, np.ndarray]], Facts]
+    suffixes: tuple[str, ...]
+
+    def table(self, cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
+        refuse(self.name, self.cannot_express(cfg))
+        return self.build_table(cfg, native_keys)
+
+    def to_reference(self, native: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
+        return reference_from_native(self.table(cfg, native.keys()), native, cfg, self.name)
+
+    def from_reference(self, params: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
+        return native_from_reference(self.table(cfg), params, cfg)
+
+    def infer_config(self, native: Mapping[str, np.ndarray], **flags: Any) -> ViTConfig:
+        return self.infer_config_with_notes(native, **flags)[0]
+
+    def infer_config_with_notes(self, native: Mapping[str, np.ndarray],
+                                **flags: Any) -> tuple[ViTConfig, list[str]]:
+        check_flags(flags)
+        return config_from_facts(self.read_facts(native), self.convention, flags)
+
+
+def check_flags(flags: Mapping[str, Any]) -> None:
+    unknown = sorted(set(flags) - set(CONFIG_FLAGS))
+    if unknown:
+        raise FormatError(f"unknown config flag(s) {unknown}; known: {list(CONFIG_FLAGS)}")
+
+
+def require(native: Mapping[str, np.ndarray], key: str, fmt: str) -> np.ndarray:
+    if key not in native:
+        sample = sorted(native)[:8]
+        raise FormatError(f"not a {fmt} checkpoint: it has no {key!r} (its first keys: {sample})")
+    return np.asarray(native[key])
+
+
+def count_blocks(native: Mapping[str, np.ndarray], pattern: str, fmt: str) -> int:
+    """Number of blocks, from the indices that `pattern` (a regex with one group) finds."""
+    indices = {int(m.group(1)) for k in native if (m := re.fullmatch(pattern, k))}
+    if not indices:
+        raise FormatError(f"not a {fmt} checkpoint: no transformer blocks (no key matches {pattern!r})")
+    if indices != set(range(len(indices))):
+        raise FormatError(f"{fmt} checkpoint: block indices {sorted(indices)} are not 0..{len(indices) - 1}")
+    return len(indices)
+
+
+def optional_dim(native: Mapping[str, np.ndarray], key: str, axis: int) -> int | None:
+    return int(np.shape(native[key])[axis]) if key in native else None
+
+
+def standard_heads(width: int) -> int | None:
+    """Heads of the standard ViT size (vitspec.config.VIT_SIZES) of this width, if there is one."""
+    return next((dims["num_heads"] for dims in VIT_SIZES.values() if dims["width"] == width), None)
+
+
+def _heads(facts: Facts, flags: Mapping[str, Any], fmt: str, notes: list[str]) -> int:
+    flag = flags.get("heads")
+    if facts.heads is not None:
+        if flag is not None and flag != facts.heads:
+            raise FormatError(f"inconsistent flags: --heads {flag}, but the {fmt} attention kernels have "
+                              f"{facts.heads} heads")
+        return facts.heads
+    if flag is not None:
+        notes.append(f"heads {flag}: from --heads")
+        return flag
+    standard = standard_heads(facts.width)
+    if standard is not None:
+        notes.append(f"heads {standard}: not stored in a {fmt} checkpoint; the standard ViT of width "
+                     f"{facts.width} has {standard} (pass --heads to override)")
+        return standard
+    standard = ", ".join(f"{size}={dims['width']}" for size, dims in VIT_SIZES.items())
+    raise FormatError(f"a {fmt} checkpoint does not store the number of heads, and width {facts.width} is no "
+                      f"standard ViT width ({standard}): pass --heads N")
+
+
+def _posemb(facts: Facts, conv: Convention, flags: Mapping[str, Any], notes: list[str]) -> str:
+    flag = flags.get("posemb")
+    if facts.posemb_rows is not None:
+        if flag not in (None, "learned"):
+            raise FormatError(f"inconsistent flags: --posemb {flag}, but the checkpoint has a learned "
+                              f"position embedding ({facts.posemb_rows} rows)")
+        return "learned"
+    if flag == "learned":
+        raise FormatError("inconsistent flags: --posemb learned, but the checkpoint has no position "
+                          "embedding")
+    if flag is not None:
+        notes.append(f"posemb {flag}: from --posemb")
+        return flag
+    notes.append(f"posemb {conv.posemb_absent}: no position-embedding parameter; {conv.ecosystem}'s "
+                 "convention (pass --posemb to override)")
+    return conv.posemb_absent
+
+
+def _pool(facts: Facts, flags: Mapping[str, Any], notes: list[str]) -> str:
+    if flags.get("pool") is not None:
+        notes.append(f"pool {flags['pool']}: from --pool")
+        return flags["pool"]
+    if facts.map_head:
+        return "map"
+    if facts.fc_norm:
+        notes.append("pool gap: the checkpoint has fc_norm and no attention pool (timm's avg-pool models)")
+        return "gap"
+    pool = "token" if facts.class_token else "gap"
+    notes.append(f"pool {pool}: {'a' if facts.class_token else 'no'} class token and no attention pool "
+                 "(pass --pool to override)")
+    return pool
+
+
+def _grid_and_on_cls(facts: Facts, conv: Convention, flags: Mapping[str, Any],
+                     notes: list[str]) -> tuple[tuple[int, int], bool]:
+    """The source patch grid and whether the prefix tokens have position-embedding rows."""
+    prefix = int(facts.class_token) + facts.num_registers
+    unseen = False if prefix else conv.posemb_on_cls  # without prefix tokens the choice changes nothing
+    grid = _grid_of_flag(flags.get("image_size"), facts.patch_size)
+    rows = facts.posemb_rows
+    if rows is None:
+        return grid or _grid_without_posemb(facts.patch_size, notes), unseen
+    if grid is not None:
+        patches = grid[0] * grid[1]
+        if prefix and rows == patches + prefix:
+            return grid, True
+        if rows == patches:
+            return grid, unseen
+        raise FormatError(f"inconsistent flags: source image size {flags['image_size']} gives {patches} "
+                          f"patches (+{prefix} prefix tokens), but the position embedding has {rows} rows")
+    on_cls_fits = prefix and rows > prefix and _is_square(rows - prefix)
+    if on_cls_fits and (conv.posemb_on_cls or not _is_square(rows)):
+        grid, on_cls = _square(rows - prefix), True
+    elif _is_square(rows):
+        grid, on_cls = _square(rows), unseen
+    else:
+        without_prefix = f" ({rows - prefix} without the {prefix} class/register rows)" if prefix else ""
+        raise FormatError(f"the position embedding has {rows} rows{without_prefix}: not a square patch grid, "
+                          "so the image size cannot be read from it; pass --source-image-size H,W")
+    notes.append(f"patch grid {grid[0]}x{grid[1]}: the square grid that the {rows}-row position embedding "
+                 f"holds{' with its prefix rows' if on_cls and prefix else ''} (pass --source-image-size "
+                 "for another)")
+    return grid, on_cls
+
+
+def _grid_of_flag(image: Any, patch: tuple[int, int]) -> tuple[int, int] | None:
+    if image is None:
+        return None
+    image = (image, image) if isinstance(image, int) else tuple(image)
+    if image[0] % patch[0] or image[1] % patch[1]:
+        raise FormatError(f"inconsistent flags: source image size {image} is not divisible by the "
+                          f"checkpoint's patch size {patch}")
+    return (image[0] // patch[0], image[1] // patch[1])
+
+
+def _grid_without_posemb(patch: tuple[int, int], notes: list[str]) -> tuple[int, int]:
+    if DEFAULT_IMAGE_SIZE % patch[0] or DEFAULT_IMAGE_SIZE % patch[1]:
+        raise FormatError("the checkpoint has no position embedding to read the image size from, and "
+                          f"{DEFAULT_IMAGE_SIZE} is not divisible by patch {patch}: pass --source-image-size")
+    notes.append(f"image size {DEFAULT_IMAGE_SIZE}: no position embedding to read it from "
+                 "(pass --source-image-size)")
+    return (DEFAULT_IMAGE_SIZE // patch[0], DEFAULT_IMAGE_SIZE // patch[1])
+
+
+def _is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
+
+
+def _square(n: int) -> tuple[int, int]:
+    return (math.isqrt(n), math.isqrt(n))
+
+
+def config_from_facts(facts: Facts, conv: Convention,
+                      flags: Mapping[str, Any]) -> tuple[ViTConfig, list[str]]:
+    notes: list[str] = []
+    heads = _heads(facts, flags, conv.ecosystem, notes)
+    posemb = _posemb(facts, conv, flags, notes)
+    pool = _pool(facts, flags, notes)
+    grid, on_cls = _grid_and_on_cls(facts, conv, flags, notes)
+    numerics = {}
+    for field, flag in (("gelu", "--gelu"), ("ln_eps", "--ln-eps")):
+        if flags.get(field) is not None:
+            numerics[field] = flags[field]
+            notes.append(f"{field} {flags[field]}: from {flag}")
+        else:
+            numerics[field] = getattr(conv, field)
+            notes.append(f"{field} {numerics[field]}: not stored; {conv.ecosystem}'s convention "
+                         f"(pass {flag})")
+    if facts.layer_scale:
+        notes.append("layer_scale: present; its init value is not stored, recorded as "
+                     f"{LAYER_SCALE_PLACEHOLDER}")
+    try:
+        cfg = ViTConfig(
+            image_size=(grid[0] * facts.patch_size[0], grid[1] * facts.patch_size[1]),
+            patch_size=facts.patch_size, in_channels=facts.in_channels, width=facts.width,
+            depth=facts.depth, num_heads=heads, mlp_dim=facts.mlp_dim, num_classes=facts.num_classes,
+            pool=pool, class_token=facts.class_token, posemb=posemb,
+            posemb_on_cls=on_cls and posemb != "sincos2d",  # sincos2d is defined on the patch grid only
+            fc_norm=facts.fc_norm, representation_size=facts.representation_size, qkv_bias=facts.qkv_bias,
+            qk_norm=facts.qk_norm, layer_scale=LAYER_SCALE_PLACEHOLDER if facts.layer_scale else None,
+            num_registers=facts.num_registers, **numerics)
+    except ValueError as e:
+        raise FormatError(f"the checkpoint and flags give an invalid config: {e}") from None
+    return cfg, notes

@@ -1,0 +1,130 @@
+"""big_vision's ViT parameter tree (`flax`): the table and the config its names show.
+
+Paths follow big_vision/models/vit.py: `embedding` (conv HWIO), `cls`, `pos_embedding` (added to
+the patches before the class token is prepended), `Transformer/encoderblock_{i}/{LayerNorm_0,
+MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`, `Transformer/encoder_norm`,
+`MAPHead_0`, `pre_logits`, `head`. Attention kernels keep flax's head axes: q/k/v [D, H, dh]
+(biases [H, dh]), out [H, dh, D], so the heads are visible. Knobs big_vision lacks use the names
+the flax backend (backends/flax_vit) gives them: `reg` [1, R, D], `query_ln`/`key_ln`,
+`LayerScale_0`/`LayerScale_1`, `fc_norm`; with those, every ViTConfig is expressible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+from vitspec.formats.base import Convention, Facts, Format, count_blocks, optional_dim, require
+from vitspec.formats.table import Layout, Rule, rule, token_rule
+
+NAME = "flax"
+
+
+def norm_rules(ref: str, native: str, cfg: ViTConfig) -> list[Rule]:
+    return [rule(f"{ref}/{leaf}", f"{native}/{leaf}", Layout.RESHAPE, cfg) for leaf in ("scale", "bias")]
+
+
+def dense_rules(ref: str, native: str, cfg: ViTConfig) -> list[Rule]:
+    return [rule(f"{ref}/{leaf}", f"{native}/{leaf}", Layout.RESHAPE, cfg) for leaf in ("kernel", "bias")]
+
+
+def attention_rules(ref: str, native: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool) -> list[Rule]:
+    """flax MultiHeadDotProductAttention: head-major columns of [D, D] are [D, H, dh] row-major."""
+    d, h, dh = cfg.width, cfg.num_heads, cfg.head_dim
+    rules = []
+    for name in ("query", "key", "value"):
+        rules.append(rule(f"{ref}/{name}/kernel", f"{native}/{name}/kernel", Layout.RESHAPE, cfg, (d, h, dh)))
+        if qkv_bias:
+            rules.append(rule(f"{ref}/{name}/bias", f"{native}/{name}/bias", Layout.RESHAPE, cfg, (h, dh)))
+    if qk_norm:
+        rules += norm_rules(f"{ref}/q_norm", f"{native}/query_ln", cfg)
+        rules += norm_rules(f"{ref}/k_norm", f"{native}/key_ln", cfg)
+    rules.append(rule(f"{ref}/out/kernel", f"{native}/out/kernel", Layout.RESHAPE, cfg, (h, dh, d)))
+    rules.append(rule(f"{ref}/out/bias", f"{native}/out/bias", Layout.RESHAPE, cfg))
+    return rules
+
+
+def mlp_rules(ref: str, native: str, cfg: ViTConfig) -> list[Rule]:
+    return (dense_rules(f"{ref}/fc1", f"{native}/Dense_0", cfg)
+            + dense_rules(f"{ref}/fc2", f"{native}/Dense_1", cfg))
+
+
+def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
+    table = [rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
+             rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg)]
+    if cfg.class_token:
+        table.append(token_rule("cls_token", "cls", cfg))
+    if cfg.num_registers:
+        table.append(token_rule("reg_tokens", "reg", cfg))
+    if cfg.posemb == "learned":
+        table.append(token_rule("pos_embed", "pos_embedding", cfg))
+    for i in range(cfg.depth):
+        ref, native = f"blocks/{i}", f"Transformer/encoderblock_{i}"
+        table += norm_rules(f"{ref}/norm1", f"{native}/LayerNorm_0", cfg)
+        table += attention_rules(f"{ref}/attn", f"{native}/MultiHeadDotProductAttention_0", cfg,
+                                 cfg.qkv_bias, cfg.qk_norm)
+        if cfg.layer_scale is not None:
+            table.append(rule(f"{ref}/ls1/scale", f"{native}/LayerScale_0/scale", Layout.RESHAPE, cfg))
+        table += norm_rules(f"{ref}/norm2", f"{native}/LayerNorm_1", cfg)
+        table += mlp_rules(f"{ref}/mlp", f"{native}/MlpBlock_0", cfg)
+        if cfg.layer_scale is not None:
+            table.append(rule(f"{ref}/ls2/scale", f"{native}/LayerScale_1/scale", Layout.RESHAPE, cfg))
+    if not cfg.fc_norm:
+        table += norm_rules("norm", "Transformer/encoder_norm", cfg)
+    if cfg.pool == "map":
+        table.append(token_rule("map_head/probe", "MAPHead_0/probe", cfg))
+        table += attention_rules("map_head/attn", "MAPHead_0/MultiHeadDotProductAttention_0", cfg,
+                                 qkv_bias=True, qk_norm=False)
+        table += norm_rules("map_head/norm", "MAPHead_0/LayerNorm_0", cfg)
+        table += mlp_rules("map_head/mlp", "MAPHead_0/MlpBlock_0", cfg)
+    if cfg.fc_norm:
+        table += norm_rules("fc_norm", "fc_norm", cfg)
+    if cfg.representation_size:
+        table += dense_rules("pre_logits", "pre_logits", cfg)
+    if cfg.num_classes:
+        table += dense_rules("head", "head", cfg)
+    return table
+
+
+def _cannot_express(cfg: ViTConfig) -> list[str]:
+    return []
+
+
+def flax_facts(native: Mapping[str, np.ndarray], fmt: str, attention: str, mlp: str,
+               posemb_key: str) -> Facts:
+    """Facts of a flax ViT tree; big_vision and vision_transformer differ only in these names."""
+    ph, pw, channels, width = require(native, "embedding/kernel", fmt).shape
+    first = "Transformer/encoderblock_0"
+    _, heads, _ = require(native, f"{first}/{attention}/query/kernel", fmt).shape
+    return Facts(
+        width=int(width),
+        depth=count_blocks(native, r"Transformer/encoderblock_(\d+)/LayerNorm_0/scale", fmt),
+        mlp_dim=int(require(native, f"{first}/{mlp}/Dense_0/kernel", fmt).shape[1]),
+        patch_size=(int(ph), int(pw)), in_channels=int(channels),
+        num_classes=optional_dim(native, "head/kernel", 1) or 0,
+        representation_size=optional_dim(native, "pre_logits/kernel", 1),
+        class_token="cls" in native, num_registers=optional_dim(native, "reg", 1) or 0,
+        posemb_rows=optional_dim(native, posemb_key, 1),
+        qkv_bias=f"{first}/{attention}/query/bias" in native,
+        qk_norm=f"{first}/{attention}/query_ln/scale" in native,
+        layer_scale=f"{first}/LayerScale_0/scale" in native,
+        fc_norm="fc_norm/scale" in native, map_head="MAPHead_0/probe" in native, heads=int(heads))
+
+
+def _facts(native: Mapping[str, np.ndarray]) -> Facts:
+    return flax_facts(native, "flax (big_vision)", "MultiHeadDotProductAttention_0", "MlpBlock_0",
+                      "pos_embedding")
+
+
+FORMAT = Format(
+    name=NAME, description="big_vision / flax ViT params (.npz of '/'-joined paths, .msgpack)",
+    convention=Convention("big_vision", gelu="tanh", ln_eps=1e-6, posemb_absent="sincos2d",
+                          posemb_on_cls=False),
+    build_table=_table, cannot_express=_cannot_express, read_facts=_facts, suffixes=(".npz", ".msgpack"))
+
+table = FORMAT.table
+to_reference = FORMAT.to_reference
+from_reference = FORMAT.from_reference
+infer_config = FORMAT.infer_config

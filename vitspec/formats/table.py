@@ -1,0 +1,144 @@
+"""The machinery every layout shares: a table of rules, one layout helper, and the checks.
+
+A format module builds ONE table per config: `Rule(reference names, native name, layout,
+native shape)`. Both directions are derived from it, so a name or a layout cannot disagree
+between reading and writing. `Layout` is the only place array layouts change (like timm's
+`_n2p`); every layout is lossless, so reference -> native -> reference is bit-exact.
+
+    reshape          row-major reshape: batch axes on tokens ([D] <-> [1, 1, D]), heads split
+                     out of q/k/v/out ([D, D] <-> [D, H, dh] / [H, dh, D]), or a plain copy
+    transpose        dense kernel [in, out] <-> torch Linear weight [out, in]
+    conv             patch kernel HWIO [ph, pw, C, D] <-> torch Conv2d weight OIHW [D, C, ph, pw]
+    fused_transpose  q, k, v (or k, v) kernels <-> one Linear weight, their transposes stacked
+    fused            q, k, v (or k, v) biases <-> one vector, concatenated
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+from vitspec.params import ParamTreeError, param_shapes, tree_problems
+
+Shape = tuple[int, ...]
+
+
+class FormatError(ValueError):
+    """A file, tree or config that a format cannot read or express; the message says why."""
+
+
+class TreeMismatchError(FormatError, ParamTreeError):
+    """A native or reference tree whose names or shapes do not match the config.
+
+    Also a ParamTreeError: it is one, and backends that report their own trees' mismatches as
+    ParamTreeError keep doing so when they delegate here.
+    """
+
+
+class Layout(enum.Enum):
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    CONV = "conv"
+    FUSED_TRANSPOSE = "fused_transpose"
+    FUSED = "fused"
+
+
+class Rule(NamedTuple):
+    reference: tuple[str, ...]
+    native: str
+    layout: Layout
+    native_shape: Shape
+
+
+def native_shape(layout: Layout, reference_shapes: list[Shape], reshape_to: Shape | None = None) -> Shape:
+    """The native shape of `reference_shapes` under `layout` (`reshape_to` for RESHAPE)."""
+    first = reference_shapes[0]
+    if layout is Layout.RESHAPE:
+        return first if reshape_to is None else reshape_to
+    if layout is Layout.TRANSPOSE:
+        return first[::-1]
+    if layout is Layout.CONV:
+        return (first[3], first[2], first[0], first[1])
+    if layout is Layout.FUSED_TRANSPOSE:
+        return (sum(s[1] for s in reference_shapes), first[0])
+    return (sum(s[0] for s in reference_shapes),)
+
+
+def to_native(layout: Layout, arrays: list[np.ndarray], shape: Shape) -> np.ndarray:
+    if layout is Layout.RESHAPE:
+        out = arrays[0].reshape(shape)
+    elif layout is Layout.TRANSPOSE:
+        out = arrays[0].T
+    elif layout is Layout.CONV:
+        out = arrays[0].transpose(3, 2, 0, 1)
+    elif layout is Layout.FUSED_TRANSPOSE:
+        out = np.concatenate([a.T for a in arrays], axis=0)
+    else:
+        out = np.concatenate(arrays, axis=0)
+    return np.ascontiguousarray(out)
+
+
+def to_reference(layout: Layout, array: np.ndarray, shapes: list[Shape]) -> list[np.ndarray]:
+    if layout is Layout.RESHAPE:
+        parts = [array.reshape(shapes[0])]
+    elif layout is Layout.TRANSPOSE:
+        parts = [array.T]
+    elif layout is Layout.CONV:
+        parts = [array.transpose(2, 3, 1, 0)]
+    elif layout is Layout.FUSED_TRANSPOSE:
+        parts = [p.T for p in np.split(array, len(shapes), axis=0)]
+    else:
+        parts = np.split(array, len(shapes), axis=0)
+    return [np.ascontiguousarray(p) for p in parts]
+
+
+def rule(reference: str | tuple[str, ...], native: str, layout: Layout, cfg: ViTConfig,
+         reshape_to: Shape | None = None) -> Rule:
+    """One row of a table; the native shape follows from the reference shapes and the layout."""
+    names = (reference,) if isinstance(reference, str) else reference
+    shapes = param_shapes(cfg)
+    return Rule(names, native, layout, native_shape(layout, [shapes[n] for n in names], reshape_to))
+
+
+def token_rule(reference: str, native: str, cfg: ViTConfig) -> Rule:
+    """Token rows ([D] or [rows, D]) stored with a leading batch axis: [1, rows, D]."""
+    shape = param_shapes(cfg)[reference]
+    return rule(reference, native, Layout.RESHAPE, cfg, (1, math.prod(shape[:-1]), shape[-1]))
+
+
+def check_names_and_shapes(arrays: Mapping[str, np.ndarray], expected: Mapping[str, Shape],
+                           what: str) -> None:
+    """Raise TreeMismatchError listing every missing, unexpected and mis-shaped key at once."""
+    problems = tree_problems(expected, arrays, require_float=False)
+    if problems:
+        raise TreeMismatchError(f"{what} does not match the config:\n  " + "\n  ".join(problems))
+
+
+def native_from_reference(table: list[Rule], params: Mapping[str, np.ndarray],
+                          cfg: ViTConfig) -> dict[str, np.ndarray]:
+    params = {k: np.asarray(v) for k, v in params.items()}
+    check_names_and_shapes(params, param_shapes(cfg), "reference params")
+    return {r.native: to_native(r.layout, [params[n] for n in r.reference], r.native_shape) for r in table}
+
+
+def reference_from_native(table: list[Rule], native: Mapping[str, np.ndarray], cfg: ViTConfig,
+                          fmt: str) -> dict[str, np.ndarray]:
+    native = {k: np.asarray(v) for k, v in native.items()}
+    check_names_and_shapes(native, {r.native: r.native_shape for r in table}, f"{fmt} checkpoint")
+    shapes = param_shapes(cfg)
+    params: dict[str, np.ndarray] = {}
+    for r in table:
+        parts = to_reference(r.layout, native[r.native], [shapes[n] for n in r.reference])
+        params.update(zip(r.reference, parts))
+    return {n: params[n] for n in shapes}
+
+
+def refuse(fmt: str, reasons: list[str]) -> None:
+    """Raise FormatError if the format cannot express the config, with every reason."""
+    if reasons:
+        raise FormatError(f"the {fmt} layout cannot express this config: " + "; ".join(reasons))
