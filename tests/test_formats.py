@@ -128,22 +128,33 @@ def vit_jax_native(p):
     }
 
 
-def hf_native(p, prefix):
-    """transformers 4.x ViTForImageClassification (prefix 'vit.') or ViTModel (no prefix)."""
-    e, layer = f"{prefix}embeddings", f"{prefix}encoder.layer.0"
+# The blocks' names in transformers 4.x and in today's transformers (>= 5, read off 5.23.0).
+HF_BLOCK_NAMES = {
+    "hf4": {"layer": "encoder.layer.0", "query": "attention.attention.query", "key": "attention.attention.key",
+            "value": "attention.attention.value", "out": "attention.output.dense",
+            "fc1": "intermediate.dense", "fc2": "output.dense"},
+    "hf": {"layer": "layers.0", "query": "attention.q_proj", "key": "attention.k_proj",
+           "value": "attention.v_proj", "out": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+}
+
+
+def hf_native(p, prefix, naming="hf4"):
+    """ViTForImageClassification (prefix 'vit.') or ViTModel (no prefix), in transformers 4.x or 5 names."""
+    names = HF_BLOCK_NAMES[naming]
+    e, layer = f"{prefix}embeddings", f"{prefix}{names['layer']}"
     tree = {
         f"{e}.cls_token": p["cls_token"].reshape(1, 1, 12),
         f"{e}.position_embeddings": p["pos_embed"].reshape(1, 5, 12),
         f"{e}.patch_embeddings.projection.weight": p["patch_embed/kernel"].transpose(3, 2, 0, 1),
         f"{e}.patch_embeddings.projection.bias": p["patch_embed/bias"],
         **ln(p, "blocks/0/norm1", f"{layer}.layernorm_before"),
-        **linear(p, "blocks/0/attn/query", f"{layer}.attention.attention.query"),
-        **linear(p, "blocks/0/attn/key", f"{layer}.attention.attention.key"),
-        **linear(p, "blocks/0/attn/value", f"{layer}.attention.attention.value"),
-        **linear(p, "blocks/0/attn/out", f"{layer}.attention.output.dense"),
+        **linear(p, "blocks/0/attn/query", f"{layer}.{names['query']}"),
+        **linear(p, "blocks/0/attn/key", f"{layer}.{names['key']}"),
+        **linear(p, "blocks/0/attn/value", f"{layer}.{names['value']}"),
+        **linear(p, "blocks/0/attn/out", f"{layer}.{names['out']}"),
         **ln(p, "blocks/0/norm2", f"{layer}.layernorm_after"),
-        **linear(p, "blocks/0/mlp/fc1", f"{layer}.intermediate.dense"),
-        **linear(p, "blocks/0/mlp/fc2", f"{layer}.output.dense"),
+        **linear(p, "blocks/0/mlp/fc1", f"{layer}.{names['fc1']}"),
+        **linear(p, "blocks/0/mlp/fc2", f"{layer}.{names['fc2']}"),
         **ln(p, "norm", f"{prefix}layernorm"),
     }
     if "head/kernel" in p:
@@ -178,17 +189,21 @@ FIXTURES = {
                        big_vision_native, save_npz("params/"), "bv.npz", {}),
     "vision_transformer i21k": ("vit_jax", dict(representation_size=7, gelu="tanh"),
                                 vit_jax_native, save_npz(""), "ViT-Ti_16.npz", {}),
-    "HF ViTForImageClassification": ("hf", dict(ln_eps=1e-12), lambda p: hf_native(p, "vit."),
+    "HF 4.x ViTForImageClassification": ("hf4", dict(ln_eps=1e-12), lambda p: hf_native(p, "vit."),
+                                         save_safetensors, "model.safetensors", dict(heads=3)),
+    "HF 4.x ViTModel with pooler": ("hf4", dict(ln_eps=1e-12, num_classes=0, representation_size=12),
+                                    lambda p: hf_native(p, ""), save_torch, "pytorch_model.bin", dict(heads=3)),
+    "HF ViTForImageClassification": ("hf", dict(ln_eps=1e-12), lambda p: hf_native(p, "vit.", "hf"),
                                      save_safetensors, "model.safetensors", dict(heads=3)),
     "HF ViTModel with pooler": ("hf", dict(ln_eps=1e-12, num_classes=0, representation_size=12),
-                                lambda p: hf_native(p, ""), save_torch, "pytorch_model.bin", dict(heads=3)),
+                                lambda p: hf_native(p, "", "hf"), save_torch, "pytorch_model.bin", dict(heads=3)),
 }
 
 
 def backend_logits(fmt, cfg, params, native, images):
     """Logits in the target ecosystem's backend; the reference's where that backend is missing."""
     try:
-        if fmt in ("torch", "hf"):
+        if fmt in ("torch", "hf", "hf4"):
             return torch_logits(fmt, cfg, params, native, images)
         return flax_logits(fmt, cfg, params, native, images)
     except ImportError:
@@ -251,7 +266,7 @@ def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
         class_token = pool == "token" or (pool == "none" and cfg.class_token)
         return cfg.replace(num_registers=0, pool=pool, class_token=class_token, posemb="learned",
                            posemb_on_cls=True, qkv_bias=True, qk_norm=False, layer_scale=None, fc_norm=False)
-    if fmt == "hf":
+    if fmt in ("hf", "hf4"):
         pooler = cfg.representation_size is not None and cfg.num_classes == 0
         return cfg.replace(pool="token", class_token=True, num_registers=0, posemb="learned",
                            posemb_on_cls=True, qk_norm=False, layer_scale=None, fc_norm=False,
@@ -259,7 +274,8 @@ def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
     return cfg
 
 
-SUFFIX = {"ref": ".npz", "torch": ".pt", "flax": ".msgpack", "vit_jax": ".npz", "hf": ".safetensors"}
+SUFFIX = {"ref": ".npz", "torch": ".pt", "flax": ".msgpack", "vit_jax": ".npz", "hf": ".safetensors",
+          "hf4": ".safetensors"}
 
 
 @pytest.mark.parametrize("fmt", sorted(EXTERNAL))
@@ -346,3 +362,16 @@ def test_backends_write_the_same_trees_as_the_formats(cfg):
         for key, value in ours.items():
             np.testing.assert_array_equal(np.asarray(backend_tree[key]), value, err_msg=f"{fmt} {key}")
             assert np.shape(backend_tree[key]) == value.shape, f"{fmt} {key}"
+
+
+def test_either_transformers_naming_reads_as_the_other():
+    cfg = ViTConfig(image_size=(4, 4), patch_size=2, width=12, depth=1, num_heads=3, mlp_dim=8, num_classes=3,
+                    ln_eps=1e-12)
+    params = random_params(cfg, 0)
+    today, old = EXTERNAL["hf"], EXTERNAL["hf4"]
+    for writer, reader in ((today, old), (old, today)):
+        native = writer.from_reference(params, cfg)
+        back = reader.to_reference(native, cfg)
+        assert all(np.array_equal(back[k], params[k]) for k in params)
+    assert "vit.layers.0.attention.q_proj.weight" in today.from_reference(params, cfg)
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in old.from_reference(params, cfg)

@@ -2,7 +2,8 @@
 
 `load_any(path, fmt=None, **flags) -> (cfg, params)` reads any of them into the reference tree;
 `save_any(path, fmt, cfg, params)` writes one. Each external layout is one module with one table
-(`timm`, `big_vision`, `vit_jax`, `hf`); `FORMATS` names them for `--from` / `--to`.
+(`timm`, `big_vision`, `vit_jax`, `hf`: `hf` and `hf4` for today's and 4.x transformers names);
+`FORMATS` names them for `--from` / `--to`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from vitspec.formats.table import FormatError
 from vitspec.params import validate_params
 
 REFERENCE = "ref"
-EXTERNAL: dict[str, Format] = {f.name: f for f in (timm.FORMAT, big_vision.FORMAT, vit_jax.FORMAT, hf.FORMAT)}
+EXTERNAL: dict[str, Format] = {f.name: f for f in (timm.FORMAT, big_vision.FORMAT, vit_jax.FORMAT, hf.FORMAT,
+                                                    hf.FORMAT_4X)}
 FORMATS = (REFERENCE, *EXTERNAL)
 ALIASES = {"timm": timm.NAME, "big_vision": big_vision.NAME, "reference": REFERENCE}
 REFERENCE_SUFFIXES = (".safetensors", ".npz")

@@ -1,12 +1,16 @@
-"""Hugging Face transformers' ViT state dict (`hf`): the table and the config its names show.
+"""Hugging Face transformers' ViT state dict: the table and the config its names show.
 
-Names are transformers 4.x modeling_vit.py's (`ViTModel`, `ViTForImageClassification`):
-`embeddings.{cls_token, position_embeddings, patch_embeddings.projection}`,
-`encoder.layer.{i}.{layernorm_before, attention.attention.{query,key,value},
-attention.output.dense, layernorm_after, intermediate.dense, output.dense}`, `layernorm`,
-`pooler.dense` (tanh on the class token: our pre-logits of width D), and `classifier`. Under
-ViTForImageClassification everything but `classifier` sits under `vit.`; a bare ViTModel has
-no prefix. Written files use `vit.` exactly when there is a classifier.
+Two namings of the same weights (`ViTModel`, `ViTForImageClassification`), both read by either
+format name and told apart by their keys:
+- `hf` writes today's (transformers >= 5, read off 5.23.0's modeling_vit.py):
+  `layers.{i}.{layernorm_before, attention.{q,k,v,o}_proj, layernorm_after, mlp.fc1, mlp.fc2}`;
+- `hf4` writes transformers 4.x's: `encoder.layer.{i}.{layernorm_before,
+  attention.attention.{query,key,value}, attention.output.dense, layernorm_after,
+  intermediate.dense, output.dense}`.
+Both share `embeddings.{cls_token, position_embeddings, patch_embeddings.projection}`,
+`layernorm`, `pooler.dense` (tanh on the class token: our pre-logits of width D) and
+`classifier`. Under ViTForImageClassification everything but `classifier` sits under `vit.`; a
+bare ViTModel has no prefix. Written files use `vit.` exactly when there is a classifier.
 
 ViTModel is one architecture: class token, learned position embedding on every token, pre-norm
 blocks without LayerScale or qk-norm, encoder norm before pooling, classifier on token 0.
@@ -14,6 +18,8 @@ blocks without LayerScale or qk-norm, encoder norm before pooling, classifier on
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Collection, Mapping
 
@@ -24,15 +30,43 @@ from vitspec.formats.base import Convention, Facts, Format, count_blocks, option
 from vitspec.formats.table import Layout, Rule, rule, token_rule
 
 NAME = "hf"
+NAME_4X = "hf4"
 CLASSIFIER_PREFIX = "vit."
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    layers: str  # the blocks' prefix, followed by the block index
+    query: str
+    key: str
+    value: str
+    out: str
+    fc1: str
+    fc2: str
+
+    def layer(self, i: int) -> str:
+        return f"{self.layers}{i}"
+
+
+TRANSFORMERS_5 = Naming("layers.", "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                        "mlp.fc1", "mlp.fc2")
+TRANSFORMERS_4 = Naming("encoder.layer.", "attention.attention.query", "attention.attention.key",
+                        "attention.attention.value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def naming_of(native_keys: Collection[str]) -> Naming:
+    is_4x = any(re.search(r"(^|\.)encoder\.layer\.\d", k) for k in native_keys)
+    return TRANSFORMERS_4 if is_4x else TRANSFORMERS_5
 
 
 def prefix_of(native_keys: Collection[str]) -> str:
     return CLASSIFIER_PREFIX if any(k.startswith(CLASSIFIER_PREFIX) for k in native_keys) else ""
 
 
-def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
+def _table(writes: Naming, cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
+    """The table for reading `native_keys` (either naming), or for writing with `writes` when None."""
     p = prefix_of(native_keys) if native_keys is not None else (CLASSIFIER_PREFIX if cfg.num_classes else "")
+    n = naming_of(native_keys) if native_keys is not None else writes
 
     def norm(ref, native):
         return [rule(f"{ref}/scale", f"{native}.weight", Layout.RESHAPE, cfg),
@@ -49,14 +83,14 @@ def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[R
              rule("patch_embed/bias", f"{p}embeddings.patch_embeddings.projection.bias", Layout.RESHAPE,
                   cfg)]
     for i in range(cfg.depth):
-        ref, native = f"blocks/{i}", f"{p}encoder.layer.{i}"
+        ref, native = f"blocks/{i}", f"{p}{n.layer(i)}"
         table += norm(f"{ref}/norm1", f"{native}.layernorm_before")
         for name in ("query", "key", "value"):
-            table += dense(f"{ref}/attn/{name}", f"{native}.attention.attention.{name}", bias=cfg.qkv_bias)
-        table += dense(f"{ref}/attn/out", f"{native}.attention.output.dense")
+            table += dense(f"{ref}/attn/{name}", f"{native}.{getattr(n, name)}", bias=cfg.qkv_bias)
+        table += dense(f"{ref}/attn/out", f"{native}.{n.out}")
         table += norm(f"{ref}/norm2", f"{native}.layernorm_after")
-        table += dense(f"{ref}/mlp/fc1", f"{native}.intermediate.dense")
-        table += dense(f"{ref}/mlp/fc2", f"{native}.output.dense")
+        table += dense(f"{ref}/mlp/fc1", f"{native}.{n.fc1}")
+        table += dense(f"{ref}/mlp/fc2", f"{native}.{n.fc2}")
     table += norm("norm", f"{p}layernorm")
     if cfg.representation_size:
         table += dense("pre_logits", f"{p}pooler.dense")
@@ -87,27 +121,33 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
 
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
     p = prefix_of(native.keys())
+    n = naming_of(native.keys())
     fmt = "hf (transformers ViT)"
     width, channels, ph, pw = require(native, f"{p}embeddings.patch_embeddings.projection.weight", fmt).shape
     return Facts(
         width=int(width),
-        depth=count_blocks(native, re.escape(p) + r"encoder\.layer\.(\d+)\.layernorm_before\.weight", fmt),
-        mlp_dim=int(require(native, f"{p}encoder.layer.0.intermediate.dense.weight", fmt).shape[0]),
+        depth=count_blocks(native, re.escape(p + n.layers) + r"(\d+)\.layernorm_before\.weight", fmt),
+        mlp_dim=int(require(native, f"{p}{n.layer(0)}.{n.fc1}.weight", fmt).shape[0]),
         patch_size=(int(ph), int(pw)), in_channels=int(channels),
         num_classes=optional_dim(native, "classifier.weight", 0) or 0,
         representation_size=optional_dim(native, f"{p}pooler.dense.weight", 0),
         class_token=f"{p}embeddings.cls_token" in native, num_registers=0,
         posemb_rows=optional_dim(native, f"{p}embeddings.position_embeddings", 1),
-        qkv_bias=f"{p}encoder.layer.0.attention.attention.query.bias" in native,
+        qkv_bias=f"{p}{n.layer(0)}.{n.query}.bias" in native,
         qk_norm=False, layer_scale=False, fc_norm=False, map_head=False, heads=None)
 
 
-FORMAT = Format(
-    name=NAME, description="Hugging Face ViTModel / ViTForImageClassification state dict (4.x names)",
-    convention=Convention("Hugging Face", gelu="exact", ln_eps=1e-12, posemb_absent="learned",
-                          posemb_on_cls=True),
-    build_table=_table, cannot_express=_cannot_express, read_facts=_facts,
-    suffixes=(".safetensors", ".bin", ".pt", ".pth"))
+def _format(name: str, writes: Naming, description: str) -> Format:
+    return Format(
+        name=name, description=description,
+        convention=Convention("Hugging Face", gelu="exact", ln_eps=1e-12, posemb_absent="learned",
+                              posemb_on_cls=True),
+        build_table=functools.partial(_table, writes), cannot_express=_cannot_express, read_facts=_facts,
+        suffixes=(".safetensors", ".bin", ".pt", ".pth"))
+
+
+FORMAT = _format(NAME, TRANSFORMERS_5, "Hugging Face ViTModel / ViTForImageClassification (transformers >= 5 names)")
+FORMAT_4X = _format(NAME_4X, TRANSFORMERS_4, "Hugging Face ViTModel / ViTForImageClassification (transformers 4.x names)")
 
 table = FORMAT.table
 to_reference = FORMAT.to_reference
