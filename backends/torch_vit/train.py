@@ -5,7 +5,8 @@ The flags, data, schedule and checkpoints are `vitspec.training`'s; this module 
 norm + 1e-6, the recipe by norm; see vitspec/recipe.py), weight decay masked on the reference
 names through the converter's table, label smoothing via F.cross_entropy (the same targets
 (1 - e) onehot + e / K). On a GPU the step runs under bfloat16 autocast; on the CPU in float32.
-torch.compile is not used: on this CPU-sized model it costs more in compile time than it saves.
+torch.compile is not used yet: the model compiles without graph breaks (tests/test_torch_model.py), but
+whether it pays for the training step has not been measured (the speed issue will).
 """
 
 from __future__ import annotations

@@ -1,0 +1,143 @@
+"""Training parity: the same 20 steps of the recipe in NumPy, PyTorch and Flax, in float64.
+
+Same reference init, same uint8 batches (from vitspec.pipeline), no dropout; every part of the
+recipe is exercised: linear warmup then cosine decay, clipping that clips on some steps and not
+on others, weight decay on kernels only, label smoothing. The reference trajectory is a NumPy loop
+of `vitspec.loss_and_grad` and `recipe.adamw_step` on `datasets.normalize`d batches; each
+backend must follow it (per-step losses to 1e-9 relative, final parameters to 1e-8 of each
+tensor's scale), so they follow each other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import vitspec
+from backends.flax_vit import convert as flax_convert
+from backends.flax_vit import train as flax_train
+from backends.flax_vit.train import FlaxBackend
+from backends.torch_vit import convert as torch_convert
+from backends.torch_vit import train as torch_train
+from backends.torch_vit.train import TorchBackend
+from parity_tests.tolerances import tree_rel_errs
+from vitspec import datasets, pipeline
+from vitspec.recipe import AdamState, Recipe, adamw_step, clip_scale, global_norm, learning_rate
+
+STEPS = 20
+LOSS_REL = 1e-9
+PARAM_REL = 1e-8
+CFG = vitspec.ViTConfig(image_size=8, patch_size=4, in_channels=3, width=16, depth=2, num_heads=2,
+                        mlp_dim=32, num_classes=5)
+STATS = datasets.ChannelStats(mean=(0.5, 0.45, 0.4), std=(0.25, 0.24, 0.26))
+# Clip norm between the step's gradient norms, so some steps clip and some do not (checked below).
+RECIPE = Recipe(base_lr=3e-3, weight_decay=0.05, warmup_steps=5, total_steps=STEPS, label_smoothing=0.1,
+                clip_norm=1.0)
+SEED = 3
+
+
+@functools.cache
+def batches() -> list[pipeline.TrainBatch]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, CFG.num_classes, size=64)
+    stream = pipeline.train_batches(images, labels, 8, pipeline.LoaderState(seed=SEED),
+                                    pipeline.Augmentation(crop_padding=1, horizontal_flip=True))
+    return [next(stream) for _ in range(STEPS)]
+
+
+@functools.cache
+def reference_trajectory() -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+    """(losses, gradient norms, final parameters) of the NumPy recipe in float64."""
+    params = vitspec.init_params(CFG, SEED, dtype=np.float64)
+    state = AdamState.zeros_like(params)
+    losses, norms = [], []
+    for batch in batches():
+        images = datasets.normalize(batch.images, STATS.mean, STATS.std).astype(np.float64)
+        loss, grads = vitspec.loss_and_grad(CFG, params, images, batch.labels, RECIPE.label_smoothing)
+        grads.pop("images")
+        losses.append(float(loss))
+        norms.append(global_norm(grads))
+        params, state = adamw_step(params, grads, state, RECIPE)
+    return losses, norms, params
+
+
+def backend_trajectory(backend) -> tuple[list[float], dict[str, np.ndarray]]:
+    losses = []
+    for step, batch in enumerate(batches()):
+        loss, _ = backend.train_step(batch.images, batch.labels, learning_rate(step, RECIPE))
+        losses.append(float(loss))
+    return losses, backend.reference_params()
+
+
+@functools.cache
+def torch_trajectory():
+    params = vitspec.init_params(CFG, SEED, dtype=np.float64)
+    return backend_trajectory(TorchBackend(CFG, params, RECIPE, STATS, "fp64", SEED, device="cpu"))
+
+
+@functools.cache
+def flax_trajectory():
+    params = vitspec.init_params(CFG, SEED, dtype=np.float64)
+    with jax.enable_x64(True):
+        return backend_trajectory(FlaxBackend(CFG, params, RECIPE, STATS, "fp64", SEED))
+
+
+TRAJECTORIES = {"torch": torch_trajectory, "flax": flax_trajectory}
+
+
+def max_loss_rel(losses, ref_losses) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
+
+
+def max_param_rel(params, ref_params) -> float:
+    # The key biases get exactly-zero gradients (SPEC.md section 5): they start at 0 and move only by
+    # rounding noise (~1e-13), so, like exact-zero gradients, they are measured against the tree's scale.
+    return max(tree_rel_errs(params, ref_params, kind="grad").values())
+
+
+def test_the_recipe_is_fully_exercised():
+    _, norms, _ = reference_trajectory()
+    clipped = sum(clip_scale(n, RECIPE.clip_norm) < 1 for n in norms)
+    assert 0 < clipped < STEPS, f"clip_norm {RECIPE.clip_norm} must clip some steps, not all: norms {norms}"
+    lrs = [learning_rate(s, RECIPE) for s in range(STEPS)]
+    assert lrs[RECIPE.warmup_steps - 1] == RECIPE.base_lr and lrs[0] < lrs[1] and lrs[-1] < lrs[-2]
+    params = vitspec.init_params(CFG, SEED)
+    assert any(vitspec.recipe.decays(k) for k in params) and not all(vitspec.recipe.decays(k) for k in params)
+    assert RECIPE.label_smoothing > 0
+
+
+@pytest.mark.parametrize("backend", sorted(TRAJECTORIES))
+def test_backend_follows_the_reference_trajectory(backend):
+    ref_losses, _, ref_params = reference_trajectory()
+    losses, params = TRAJECTORIES[backend]()
+    assert max_loss_rel(losses, ref_losses) <= LOSS_REL
+    assert max_param_rel(params, ref_params) <= PARAM_REL
+    assert ref_losses[-1] < ref_losses[0]  # it trained
+
+
+def test_torch_and_flax_follow_each_other():
+    torch_losses, torch_params = torch_trajectory()
+    flax_losses, flax_params = flax_trajectory()
+    assert max_loss_rel(torch_losses, flax_losses) <= LOSS_REL
+    assert max_param_rel(torch_params, flax_params) <= PARAM_REL
+
+
+def test_backends_decay_exactly_the_reference_names_that_decay():
+    """Each backend's mask, mapped back through its converter, is `recipe.decays` on every knob's parameters."""
+    cfg = CFG.replace(pool="map", class_token=True, num_registers=2, qk_norm=True, layer_scale=0.1,
+                      representation_size=8)
+    params = vitspec.init_params(cfg, SEED)
+    expected = {k: np.full(v.shape, float(vitspec.recipe.decays(k))) for k, v in params.items()}
+    torch_mask = {k: torch.full(shape, float(flag)) for (k, flag), shape in
+                  zip(torch_train.decay_mask(cfg).items(), torch_convert.timm_shapes(cfg).values(), strict=True)}
+    flax_mask = jax.tree.map(lambda flag, p: np.full(np.shape(p), float(flag)), flax_train.decay_mask(cfg),
+                             flax_convert.from_reference(params, cfg)["params"])
+    for mapped in (torch_convert.to_reference(torch_mask, cfg), flax_convert.to_reference(flax_mask, cfg)):
+        assert mapped.keys() == expected.keys()
+        for name, flags in expected.items():
+            np.testing.assert_array_equal(mapped[name], flags, err_msg=name)
