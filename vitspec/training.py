@@ -282,7 +282,8 @@ def load_last(workdir: Path, flags: dict) -> tuple[dict[str, np.ndarray], dict[s
 
 
 class ProgressLine:
-    """One self-overwriting line per epoch (\\r), redrawn at most every `interval` seconds."""
+    """One self-overwriting line per epoch (\\r), redrawn at most every `interval` seconds; into a
+    file or pipe (not a terminal) only the forced end-of-epoch draw is written, so logs stay readable."""
 
     def __init__(self, epoch: int, epochs: int, steps: int, stream=sys.stderr, interval: float = 0.5):
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
@@ -291,7 +292,7 @@ class ProgressLine:
 
     def update(self, step_in_epoch: int, progress: EpochProgress, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now - self.last_draw < self.interval:
+        if not force and (not self.stream.isatty() or now - self.last_draw < self.interval):
             return
         self.last_draw = now
         filled = int(20 * step_in_epoch / self.steps)
