@@ -1,0 +1,1 @@
+"""Throughput benchmark of the vitspec backends against stock peers: `python -m bench.run`."""

@@ -1,0 +1,56 @@
+"""The Flax implementations: ours (backends.flax_vit's jitted, donated training step) and the
+stock-layer flax.linen ViT trained with optax.adamw."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import vitspec
+from backends.flax_vit.train import FlaxBackend
+from bench.peers.flax_stock import StockViT
+from bench.runners import LEARNING_RATE, Runner, float_batch, random_batch
+from vitspec.config import ViTConfig
+from vitspec.datasets import STATS
+from vitspec.recipe import Recipe
+
+
+def ours(cfg: ViTConfig, batch: int) -> Runner:
+    backend = FlaxBackend(cfg, vitspec.init_params(cfg, seed=0), Recipe(), STATS["cifar10"], "fp32", seed=0)
+    images, labels = random_batch(cfg, batch)
+    return Runner(forward=lambda: backend.eval_logits(images),
+                  train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]))
+
+
+def stock(cfg: ViTConfig, batch: int) -> Runner:
+    module = StockViT(config=cfg)
+    images, labels = random_batch(cfg, batch)
+    x, y = jnp.asarray(float_batch(images)), jnp.asarray(labels)
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=0.05)
+    state = {"params": module.init(jax.random.key(0), x[:1])["params"]}
+    state["opt"] = optimizer.init(state["params"])
+    forward = jax.jit(lambda params, images: module.apply({"params": params}, images))
+    step = jax.jit(partial(_stock_train_step, module, optimizer), donate_argnums=(0, 1))
+
+    def train_step():
+        state["params"], state["opt"], loss = step(state["params"], state["opt"], x, y)
+        return float(loss)
+
+    return Runner(forward=lambda: jax.block_until_ready(forward(state["params"], x)), train_step=train_step)
+
+
+def _stock_train_step(module, optimizer, params, opt_state, images, labels):
+    def loss_fn(p):
+        logits = module.apply({"params": p}, images)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), 0.1)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+IMPLEMENTATIONS = {"ours": ours, "flax-stock": stock}

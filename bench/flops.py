@@ -1,0 +1,68 @@
+"""Analytic matmul FLOPs of a ViT and the machine's measured fp32 matmul peak."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+
+
+def forward_matmul_flops(cfg: ViTConfig) -> int:
+    """Matmul FLOPs of one image's forward pass (a multiply-add counts 2), from the config.
+
+    With N patches, T = cfg.num_tokens tokens (patches + class/register tokens), width D, patch
+    area P*P*C, MLP width M, depth L, K classes:
+        patch embed            2 * N * (P*P*C) * D
+        per block  qkv         2 * T * D * 3D
+                   scores      2 * T * T * D        (q k^T over all heads)
+                   context     2 * T * T * D        (probs v over all heads)
+                   out proj    2 * T * D * D
+                   MLP         2 * T * D * M * 2
+        pre-logits (if any)    2 * D * R
+        head                   2 * feature_dim * K
+    Norms, softmax, GELU and adds are left out: they are not matmuls and are a few percent.
+    Training counts 3x this (forward, then the input and weight gradients of every matmul).
+    """
+    ph, pw = cfg.patch_size
+    n, t, d, m = cfg.num_patches, cfg.num_tokens, cfg.width, cfg.mlp_dim
+    patch_embed = 2 * n * ph * pw * cfg.in_channels * d
+    block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * m
+    pre_logits = 2 * d * cfg.representation_size if cfg.representation_size else 0
+    head = 2 * cfg.feature_dim * cfg.num_classes
+    return patch_embed + cfg.depth * block + pre_logits + head
+
+
+
+
+def train_matmul_flops(cfg: ViTConfig) -> int:
+    """One image's training step: forward plus backward, 3x the forward matmuls."""
+    return 3 * forward_matmul_flops(cfg)
+
+
+def sgemm_gflops(size: int, repeats: int) -> dict:
+    """fp32 GFLOP/s of a size x size matmul, with NumPy and with torch; the peak is the faster median."""
+    import torch
+
+    a, b = (np.random.default_rng(i).standard_normal((size, size), dtype=np.float32) for i in range(2))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    numpy_rates = _matmul_rates(lambda: a @ b, size, repeats)
+    torch_rates = _matmul_rates(lambda: ta @ tb, size, repeats)
+    peak = max(np.median(numpy_rates), np.median(torch_rates))
+    return {"size": size, "repeats": repeats, "numpy_gflops": _summary(numpy_rates),
+            "torch_gflops": _summary(torch_rates), "peak_gflops": float(peak)}
+
+
+def _matmul_rates(matmul, size: int, repeats: int) -> list[float]:
+    matmul()  # warm-up: thread pool start, page faults
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul()
+        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}

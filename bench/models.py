@@ -1,0 +1,43 @@
+"""The benchmarked models: config, batch and repeat counts, for the full run and for --quick."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import vitspec
+from vitspec.config import ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    batch: int
+    repeats: int
+    warmup: int
+    reference_batch: int  # the NumPy forward's batch: it is ~10x slower, images/s is per image anyway
+    reference_repeats: int
+
+    @property
+    def config(self) -> ViTConfig:
+        return TINY if self.name == "tiny" else vitspec.variant(self.name)
+
+
+# --quick: small enough that every implementation (and every jit compile) runs in seconds.
+TINY = vitspec.ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10)
+
+# Fewer repeats for the 224 models: one B/16 training step at batch 8 takes seconds on 2 cores.
+FULL = {
+    "cifar-notebook": ModelSpec("cifar-notebook", batch=128, repeats=5, warmup=2, reference_batch=32,
+                                reference_repeats=3),
+    "S/16": ModelSpec("S/16", batch=16, repeats=3, warmup=1, reference_batch=4, reference_repeats=2),
+    "B/16": ModelSpec("B/16", batch=8, repeats=3, warmup=1, reference_batch=2, reference_repeats=1),
+}
+QUICK = {"tiny": ModelSpec("tiny", batch=2, repeats=2, warmup=1, reference_batch=2, reference_repeats=1)}
+
+
+def specs(names: list[str] | None, quick: bool) -> list[ModelSpec]:
+    table = QUICK if quick else FULL
+    unknown = set(names or ()) - set(table)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}: expected some of {list(table)}")
+    return [table[name] for name in (names or table)]

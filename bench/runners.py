@@ -1,0 +1,33 @@
+"""What every implementation hands the timer: a forward pass and, unless inference-only, a full
+training step, each a no-argument callable that returns only once the work is done."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+from vitspec.recipe import Recipe
+
+LEARNING_RATE = Recipe().base_lr  # every implementation's AdamW runs at the recipe's lr
+
+
+@dataclasses.dataclass
+class Runner:
+    forward: Callable[[], object]
+    train_step: Callable[[], object] | None  # None: inference only
+
+
+def random_batch(cfg: ViTConfig, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC images (the pipeline's form) and int64 labels (the pipeline's dtypes)."""
+    rng = np.random.default_rng(seed)
+    size = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+    images = rng.integers(0, 256, (batch, *size, cfg.in_channels), dtype=np.uint8)
+    return images, rng.integers(0, cfg.num_classes, batch).astype(np.int64)
+
+
+def float_batch(images: np.ndarray) -> np.ndarray:
+    """Peers get float32 images already scaled: the normalization ours does on device is left out."""
+    return (images.astype(np.float32) / 255.0 - 0.5) / 0.25

@@ -1,0 +1,78 @@
+"""One framework's implementations, measured in this one process: `python -m bench.worker torch
+--out rows.json [--quick] [--models ...]`. bench.run starts one per framework so that torch's and
+XLA's thread pools never share a process."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from bench.models import ModelSpec, specs
+from bench.timing import images_per_second
+
+FRAMEWORKS = {"torch": "bench.torch_impls", "flax": "bench.flax_impls", "numpy": "bench.numpy_impls"}
+
+
+def measure(framework: str, implementation: str, build, spec: ModelSpec) -> dict:
+    reference = framework == "numpy"
+    batch = spec.reference_batch if reference else spec.batch
+    repeats = spec.reference_repeats if reference else spec.repeats
+    runner = build(spec.config, batch)
+    row = {"model": spec.name, "framework": framework, "implementation": implementation,
+           "forward": images_per_second(runner.forward, batch, spec.warmup, repeats), "train": None}
+    if runner.train_step is not None:
+        row["train"] = images_per_second(runner.train_step, batch, spec.warmup, repeats)
+    return row
+
+
+def skipped(framework: str, implementation: str) -> str | None:
+    """Why an implementation cannot run here, or None."""
+    if implementation == "hf-transformers":
+        from bench.torch_impls import has_transformers
+
+        if not has_transformers():
+            return "transformers is not importable (pip install transformers)"
+    return None
+
+
+def run(framework: str, model_names: list[str] | None, quick: bool) -> dict:
+    implementations = importlib.import_module(FRAMEWORKS[framework]).IMPLEMENTATIONS
+    rows, notes = [], []
+    for spec in specs(model_names, quick):
+        for name, build in implementations.items():
+            reason = skipped(framework, name)
+            if reason:
+                notes.append(f"{framework}/{name} skipped: {reason}")
+                continue
+            print(f"  {spec.name:>14}  {framework}/{name}", file=sys.stderr, flush=True)
+            rows.append(measure(framework, name, build, spec))
+    return {"framework": framework, "rows": rows, "notes": notes, "threads": thread_counts(framework)}
+
+
+def thread_counts(framework: str) -> dict:
+    if framework == "torch":
+        import torch
+
+        return {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
+    if framework == "flax":
+        import jax
+
+        return {"jax_devices": [str(d) for d in jax.devices()]}
+    return {}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.worker")
+    parser.add_argument("framework", choices=list(FRAMEWORKS))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    args.out.write_text(json.dumps(run(args.framework, args.models, args.quick), indent=1))
+
+
+if __name__ == "__main__":
+    main()

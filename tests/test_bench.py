@@ -1,0 +1,77 @@
+"""bench.run --quick exercises every implementation once and writes the two result files.
+
+No timing assertions: this checks the benchmark runs and reports, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+
+from bench import run
+from bench.flops import forward_matmul_flops, train_matmul_flops
+from bench.torch_impls import has_transformers
+from vitspec import variant
+
+MODES = ("forward", "train")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, run.main(["--quick", "--out", str(out)])
+
+
+def expected_implementations() -> set[tuple[str, str]]:
+    torch_impls = {"ours", "notebook-per-head"} | ({"hf-transformers"} if has_transformers() else set())
+    return ({("torch", name) for name in torch_impls} | {("flax", "ours"), ("flax", "flax-stock")}
+            | {("numpy", "reference")})
+
+
+def test_quick_writes_both_files(quick_results):
+    out, results = quick_results
+    assert json.loads((out / "bench_results.json").read_text()) == results
+    table = (out / "bench_results.md").read_text()
+    assert table.startswith("| model | implementation |")
+    assert "GFLOP/s" in table and "Load average" in table
+
+
+def test_quick_has_one_row_per_implementation(quick_results):
+    _, results = quick_results
+    found = {(row["framework"], row["implementation"]) for row in results["rows"]}
+    assert found == expected_implementations()
+    assert {row["model"] for row in results["rows"]} == {"tiny"}
+    if not has_transformers():
+        assert any("hf-transformers" in note for note in results["notes"])
+
+
+def test_quick_rows_carry_rates_and_peak_fractions(quick_results):
+    _, results = quick_results
+    for row in results["rows"]:
+        trains = row["framework"] != "numpy"
+        assert (row["train"] is not None) == trains
+        for mode in MODES[: 1 + trains]:
+            assert set(row[mode]) >= {"median", "min", "max", "repeats", "batch", "gflops", "fraction_of_peak"}
+            assert row[mode]["min"] <= row[mode]["median"] <= row[mode]["max"]
+        if row["implementation"] == "ours":
+            assert set(row["ours_over_fastest_peer"]) == set(MODES)
+
+
+def test_quick_records_the_machine_and_peak(quick_results):
+    _, results = quick_results
+    assert results["sgemm"]["peak_gflops"] > 0
+    assert {"cpu", "logical_cores", "versions"} <= set(results["machine"])
+    assert {"torch", "flax"} <= set(results["machine"]["threads"])
+    assert set(results["load_average"]) == {"before", "after"}
+
+
+def test_matmul_flops_of_b16_match_the_published_count():
+    # ViT-B/16 at 224 is 17.6 GMACs (the ViT paper's 55.4 GFLOPs counts more than matmuls).
+    cfg = variant("B/16")
+    assert forward_matmul_flops(cfg) / 2e9 == pytest.approx(17.56, abs=0.01)
+    assert train_matmul_flops(cfg) == 3 * forward_matmul_flops(cfg)
