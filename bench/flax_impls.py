@@ -9,20 +9,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import vitspec
 from backends.flax_vit.train import FlaxBackend
 from bench.peers.flax_stock import StockViT
-from bench.runners import LEARNING_RATE, Runner, float_batch, random_batch
+from bench.runners import LEARNING_RATE, Runner, backend_runner, float_batch, random_batch
 from vitspec.config import ViTConfig
-from vitspec.datasets import STATS
-from vitspec.recipe import Recipe
 
 
 def ours(cfg: ViTConfig, batch: int) -> Runner:
-    backend = FlaxBackend(cfg, vitspec.init_params(cfg, seed=0), Recipe(), STATS["cifar10"], "fp32", seed=0)
-    images, labels = random_batch(cfg, batch)
-    return Runner(forward=lambda: backend.eval_logits(images),
-                  train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]))
+    return backend_runner(FlaxBackend, cfg, batch)
 
 
 def stock(cfg: ViTConfig, batch: int) -> Runner:

@@ -8,7 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+import vitspec
 from vitspec.config import ViTConfig
+from vitspec.datasets import STATS
 from vitspec.recipe import Recipe
 
 LEARNING_RATE = Recipe().base_lr  # every implementation's AdamW runs at the recipe's lr
@@ -23,11 +25,18 @@ class Runner:
 def random_batch(cfg: ViTConfig, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NHWC images (the pipeline's form) and int64 labels (the pipeline's dtypes)."""
     rng = np.random.default_rng(seed)
-    size = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
-    images = rng.integers(0, 256, (batch, *size, cfg.in_channels), dtype=np.uint8)
+    images = rng.integers(0, 256, (batch, *cfg.image_size, cfg.in_channels), dtype=np.uint8)
     return images, rng.integers(0, cfg.num_classes, batch).astype(np.int64)
 
 
 def float_batch(images: np.ndarray) -> np.ndarray:
     """Peers get float32 images already scaled: the normalization ours does on device is left out."""
     return (images.astype(np.float32) / 255.0 - 0.5) / 0.25
+
+
+def backend_runner(backend_class, cfg: ViTConfig, batch: int) -> Runner:
+    """Ours: the training Backend itself (uint8 in, on-device normalization, the recipe's clipped AdamW)."""
+    backend = backend_class(cfg, vitspec.init_params(cfg, seed=0), Recipe(), STATS["cifar10"], "fp32", seed=0)
+    images, labels = random_batch(cfg, batch)
+    return Runner(forward=lambda: backend.eval_logits(images),
+                  train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]))

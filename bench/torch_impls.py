@@ -6,21 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import vitspec
 from backends.torch_vit.train import TorchBackend
 from bench.peers.torch_notebook import NotebookViT
-from bench.runners import LEARNING_RATE, Runner, float_batch, random_batch
+from bench.runners import LEARNING_RATE, Runner, backend_runner, float_batch, random_batch
 from vitspec.config import ViTConfig
-from vitspec.datasets import STATS
-from vitspec.recipe import Recipe
 
 
 def ours(cfg: ViTConfig, batch: int) -> Runner:
-    """The training Backend itself: uint8 in, on-device normalization, the recipe's clipped AdamW."""
-    backend = TorchBackend(cfg, vitspec.init_params(cfg, seed=0), Recipe(), STATS["cifar10"], "fp32", seed=0)
-    images, labels = random_batch(cfg, batch)
-    return Runner(forward=lambda: backend.eval_logits(images),
-                  train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]))
+    return backend_runner(TorchBackend, cfg, batch)
 
 
 def huggingface(cfg: ViTConfig, batch: int) -> Runner:

@@ -28,7 +28,7 @@ from vitspec.params import ParamTreeError, validate_params
 CONFIG_KEY = "vitspec_config"
 FORMAT_KEY = "format"
 FORMAT_VALUE = "vitspec-reference"
-_NPZ_CONFIG = "__vitspec_config__"
+NPZ_CONFIG_KEY = "__vitspec_config__"
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
               "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -138,7 +138,7 @@ def save(path: str | os.PathLike, cfg: ViTConfig, params: dict[str, np.ndarray])
         write_safetensors(path, arrays, {FORMAT_KEY: FORMAT_VALUE, CONFIG_KEY: cfg.to_json()})
     elif path.suffix == ".npz":
         config = np.frombuffer(cfg.to_json().encode(), dtype=np.uint8)
-        atomic_write(path, lambda f: np.savez(f, **arrays, **{_NPZ_CONFIG: config}))
+        atomic_write(path, lambda f: np.savez(f, **arrays, **{NPZ_CONFIG_KEY: config}))
     else:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
 
@@ -149,7 +149,7 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
             arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    config = arrays.pop(_NPZ_CONFIG, None)
+    config = arrays.pop(NPZ_CONFIG_KEY, None)
     return arrays, None if config is None else config.tobytes().decode()
 
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vitspec.checkpoint import CONFIG_KEY, load, save
+from vitspec.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, load, save
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision, hf, timm, vit_jax
 from vitspec.formats.base import CONFIG_FIELDS, Format, check_flags
@@ -27,7 +27,6 @@ EXTERNAL: dict[str, Format] = {f.name: f for f in (timm.FORMAT, big_vision.FORMA
 FORMATS = (REFERENCE, *EXTERNAL)
 ALIASES = {"timm": timm.NAME, "big_vision": big_vision.NAME, "reference": REFERENCE}
 REFERENCE_SUFFIXES = (".safetensors", ".npz")
-_NPZ_CONFIG = "__vitspec_config__"
 
 __all__ = ["FORMATS", "FormatError", "Loaded", "detect_format", "load_any", "load_with_notes",
            "resolve_format", "save_any"]
@@ -51,7 +50,7 @@ def resolve_format(name: str) -> str:
 def detect_format(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
     """The layout of a file's arrays, from its metadata and key names."""
     keys = set(arrays)
-    if CONFIG_KEY in metadata or _NPZ_CONFIG in keys:
+    if CONFIG_KEY in metadata or NPZ_CONFIG_KEY in keys:
         return REFERENCE
     if "patch_embed.proj.weight" in keys:
         return timm.NAME
