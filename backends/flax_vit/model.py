@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from backends.flax_vit.layer_norm import LayerNorm
 from vitspec.config import ViTConfig
 from vitspec.reference import posemb_sincos2d
 
@@ -53,9 +54,8 @@ def drop_path_rates(cfg: ViTConfig) -> list[float]:
     return [cfg.stochastic_depth * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    # Two-pass variance: flax's default E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> LayerNorm:
+    return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class LayerScale(nn.Module):
