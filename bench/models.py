@@ -29,8 +29,8 @@ TINY = vitspec.ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_hea
 FULL = {
     "cifar-notebook": ModelSpec("cifar-notebook", batch=128, repeats=5, warmup=2, reference_batch=32,
                                 reference_repeats=3),
-    "S/16": ModelSpec("S/16", batch=16, repeats=3, warmup=1, reference_batch=4, reference_repeats=2),
-    "B/16": ModelSpec("B/16", batch=8, repeats=3, warmup=1, reference_batch=2, reference_repeats=1),
+    "S/16": ModelSpec("S/16", batch=16, repeats=5, warmup=1, reference_batch=4, reference_repeats=2),
+    "B/16": ModelSpec("B/16", batch=8, repeats=5, warmup=1, reference_batch=2, reference_repeats=1),
 }
 QUICK = {"tiny": ModelSpec("tiny", batch=2, repeats=2, warmup=1, reference_batch=2, reference_repeats=1)}
 

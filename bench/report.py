@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bench.flops import forward_matmul_flops, train_matmul_flops
 from bench.models import ModelSpec
 
@@ -25,12 +27,16 @@ def add_derived(rows: list[dict], model_specs: list[ModelSpec], peak_gflops: flo
 
 
 def _ratio_to_fastest_peer(ours: dict, rows: list[dict], mode: str) -> dict | None:
+    """The median over rounds of ours / the peer in the same round (the rounds interleave them),
+    against the peer with the highest median rate."""
     peers = [r for r in rows if r["model"] == ours["model"] and r["framework"] == ours["framework"]
              and r["implementation"] != "ours" and r[mode]]
     if not peers or not ours[mode]:
         return None
     fastest = max(peers, key=lambda r: r[mode]["median"])
-    return {"peer": fastest["implementation"], "ratio": ours[mode]["median"] / fastest[mode]["median"]}
+    paired = np.asarray(ours[mode]["rates"]) / np.asarray(fastest[mode]["rates"])
+    return {"peer": fastest["implementation"], "ratio": float(np.median(paired)),
+            "min": float(paired.min()), "max": float(paired.max())}
 
 
 def markdown(results: dict) -> str:
@@ -44,7 +50,8 @@ def markdown(results: dict) -> str:
             f"torch {sgemm['torch_gflops']['median']:.1f}), measured in this run.")
     where = (f"Machine: {results['machine']['cpu']}, {results['machine']['usable_cores']} cores. "
              f"Load average (1/5/15 min) before {load['before']}, after {load['after']}.")
-    how = ("Rates are images/s after warm-up: median (min–max, n = repeats). "
+    how = ("Rates are images/s after warm-up: median (min–max, n = repeats); the implementations of a "
+           "framework are timed in interleaved rounds, and ours / peer is the median of the per-round ratios. "
            "FLOPs: matmuls only, counted from the config (bench.flops.forward_matmul_flops); training = 3x forward.")
     lines += ["", peak, where, how]
     lines += [f"Note: {note}" for note in results["notes"]]
@@ -70,4 +77,6 @@ def _percent(measured: dict | None) -> str:
 
 
 def _ratio_text(ratio: dict | None) -> str:
-    return f"{ratio['ratio']:.2f}x vs {ratio['peer']}" if ratio else "—"
+    if not ratio:
+        return "—"
+    return f"{ratio['ratio']:.2f}x ({ratio['min']:.2f}–{ratio['max']:.2f}) vs {ratio['peer']}"

@@ -11,21 +11,22 @@ import sys
 from pathlib import Path
 
 from bench.models import ModelSpec, specs
-from bench.timing import images_per_second
+from bench.timing import interleaved_rates
 
 FRAMEWORKS = {"torch": "bench.torch_impls", "flax": "bench.flax_impls", "numpy": "bench.numpy_impls"}
 
 
-def measure(framework: str, implementation: str, build, spec: ModelSpec) -> dict:
+def measure(framework: str, builds: dict, spec: ModelSpec) -> list[dict]:
+    """One row per implementation; forward passes of all of them interleaved, then training steps."""
     reference = framework == "numpy"
     batch = spec.reference_batch if reference else spec.batch
     repeats = spec.reference_repeats if reference else spec.repeats
-    runner = build(spec.config, batch)
-    row = {"model": spec.name, "framework": framework, "implementation": implementation,
-           "forward": images_per_second(runner.forward, batch, spec.warmup, repeats), "train": None}
-    if runner.train_step is not None:
-        row["train"] = images_per_second(runner.train_step, batch, spec.warmup, repeats)
-    return row
+    runners = {name: build(spec.config, batch) for name, build in builds.items()}
+    forward = interleaved_rates({name: r.forward for name, r in runners.items()}, batch, spec.warmup, repeats)
+    trainable = {name: r.train_step for name, r in runners.items() if r.train_step is not None}
+    train = interleaved_rates(trainable, batch, spec.warmup, repeats) if trainable else {}
+    return [{"model": spec.name, "framework": framework, "implementation": name, "forward": forward[name],
+             "train": train.get(name)} for name in runners]
 
 
 def skipped(framework: str, implementation: str) -> str | None:
@@ -41,14 +42,16 @@ def skipped(framework: str, implementation: str) -> str | None:
 def run(framework: str, model_names: list[str] | None, quick: bool) -> dict:
     implementations = importlib.import_module(FRAMEWORKS[framework]).IMPLEMENTATIONS
     rows, notes = [], []
+    builds = {}
+    for name, build in implementations.items():
+        reason = skipped(framework, name)
+        if reason:
+            notes.append(f"{framework}/{name} skipped: {reason}")
+        else:
+            builds[name] = build
     for spec in specs(model_names, quick):
-        for name, build in implementations.items():
-            reason = skipped(framework, name)
-            if reason:
-                notes.append(f"{framework}/{name} skipped: {reason}")
-                continue
-            print(f"  {spec.name:>14}  {framework}/{name}", file=sys.stderr, flush=True)
-            rows.append(measure(framework, name, build, spec))
+        print(f"  {spec.name:>14}  {framework}: {', '.join(builds)}", file=sys.stderr, flush=True)
+        rows += measure(framework, builds, spec)
     return {"framework": framework, "rows": rows, "notes": notes, "threads": thread_counts(framework)}
 
 

@@ -15,6 +15,7 @@ pytest.importorskip("optax")
 
 from bench import run
 from bench.flops import forward_matmul_flops, train_matmul_flops
+from bench.timing import interleaved_rates
 from bench.torch_impls import has_transformers
 from vitspec import variant
 
@@ -58,8 +59,12 @@ def test_quick_rows_carry_rates_and_peak_fractions(quick_results):
         for mode in MODES[: 1 + trains]:
             assert set(row[mode]) >= {"median", "min", "max", "repeats", "batch", "gflops", "fraction_of_peak"}
             assert row[mode]["min"] <= row[mode]["median"] <= row[mode]["max"]
-        if row["implementation"] == "ours":
-            assert set(row["ours_over_fastest_peer"]) == set(MODES)
+            assert len(row[mode]["rates"]) == row[mode]["repeats"]
+        if row["implementation"] == "ours" and row["framework"] != "numpy":
+            ratios = row["ours_over_fastest_peer"]
+            assert set(ratios) == set(MODES)
+            for ratio in ratios.values():
+                assert ratio["min"] <= ratio["ratio"] <= ratio["max"]
 
 
 def test_quick_records_the_machine_and_peak(quick_results):
@@ -68,6 +73,15 @@ def test_quick_records_the_machine_and_peak(quick_results):
     assert {"cpu", "logical_cores", "versions"} <= set(results["machine"])
     assert {"torch", "flax"} <= set(results["machine"]["threads"])
     assert set(results["load_average"]) == {"before", "after"}
+
+
+def test_rounds_interleave_the_implementations_in_rotated_order():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    rates = interleaved_rates(runs, batch=4, warmup=2, repeats=3)
+    assert calls[:6] == list("aabbcc")  # warm-up: each in turn
+    assert calls[6:] == list("abc" "bca" "cab")
+    assert {name: len(r["rates"]) for name, r in rates.items()} == {"a": 3, "b": 3, "c": 3}
 
 
 def test_matmul_flops_of_b16_match_the_published_count():
