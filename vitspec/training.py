@@ -342,16 +342,18 @@ def train_epoch_steps(run: Run, backend: Backend, batches: Iterator[pipeline.Tra
             state.progress.seen += n
         pending.clear()
 
-    started = time.perf_counter()
+    started = last_read = time.perf_counter()
     while state.step < stop_step and state.loader.epoch == epoch:
         batch = next(batches)
         loss, correct = backend.train_step(batch.images, batch.labels, learning_rate(state.step, run.recipe))
         pending.append((loss, correct, len(batch.labels)))
         state.step, state.loader = state.step + 1, batch.next_state
-        if time.perf_counter() - line.last_draw >= line.interval:
+        # Reading the scalars waits for the device: only at the redraw interval, so an asynchronous
+        # backend (JAX) keeps dispatching steps while the previous ones compute.
+        if time.perf_counter() - last_read >= line.interval:
             read_pending()
             state.progress.seconds += time.perf_counter() - started
-            started = time.perf_counter()
+            started = last_read = time.perf_counter()
             line.update(state.loader.step or run.steps_per_epoch, state.progress)
     read_pending()
     state.progress.seconds += time.perf_counter() - started
