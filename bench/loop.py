@@ -1,5 +1,7 @@
 """The training loop against its bare step: `python -m bench.loop [--backends torch flax] [--model fmnist-s]`.
 
+Flags it does not know (e.g. `--model-overrides`, `--validation-size`) go to the training parser.
+
 Does the data pipeline keep up? Each round runs `--steps` steps of vitspec.training's own epoch
 loop (prefetched batches of the real dataset with the recipe's augmentation, the schedule, the
 progress bookkeeping), then `--steps` bare training steps on one fixed batch, synchronized at the
@@ -25,7 +27,7 @@ from vitspec import pipeline, training
 BACKENDS = {"torch": "backends.torch_vit.train", "flax": "backends.flax_vit.train"}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -35,13 +37,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="steps per round and side")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    return parser.parse_args(argv)
+    return parser.parse_known_args(argv)
 
 
-def measure(backend_name: str, args: argparse.Namespace) -> dict:
+def measure(backend_name: str, args: argparse.Namespace, training_flags: list[str]) -> dict:
     module = importlib.import_module(BACKENDS[backend_name])
     flags = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size),
-             "--precision", "fp32"] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+             "--precision", "fp32", *training_flags] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     train_args = training.build_parser("bench.loop", backend_name).parse_args(flags)
     run = training.setup(train_args, backend_name, module.create_backend, "fp32")
     backend, state = training.start(run)
@@ -65,10 +67,7 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict:
 
 def _loop_rate(run: training.Run, backend, batches, state: training.RunState, steps: int) -> float:
     """Images/s of `steps` steps of the training loop, by its own clock (state.progress)."""
-    seen, seconds = state.progress.seen, state.progress.seconds
-    if state.loader.step + steps > run.steps_per_epoch:  # keep each round inside one epoch
-        state.progress = training.EpochProgress()
-        seen = seconds = 0
+    seen, seconds = state.progress.seen, state.progress.seconds  # a round ends early at an epoch's end
     stderr, sys.stderr = sys.stderr, io.StringIO()  # the loop's end-of-round progress line
     try:
         training.train_epoch_steps(run, backend, batches, state, stop_step=state.step + steps)
@@ -86,8 +85,8 @@ def _bare_rate(backend, batch: pipeline.TrainBatch, steps: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    results = [measure(name, args) for name in args.backends]
+    args, training_flags = parse_args(argv)
+    results = [measure(name, args, training_flags) for name in args.backends]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loop_results.json").write_text(json.dumps(results, indent=1))
     print(f"| backend | model | batch | loop img/s (median) | bare step img/s (median) | loop / bare "

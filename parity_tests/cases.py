@@ -128,7 +128,8 @@ def measure(examples: int, named_and_grads: Callable, bf16_named_and_grads: Call
         report.low_precision("float32", "grad", grads32, ref64_grads, ref32_grads)
         own_named, own_grads = case.reference(np.float64, round_inputs_to_bfloat16=True)
         bf16_named, bf16_grads = bf16_named_and_grads(case)
-        report.low_precision("bfloat16", "forward", bf16_named, ref64_named, {k: own_named[k] for k in bf16_named})
+        report.low_precision("bfloat16", "forward", bf16_named, {k: ref64_named[k] for k in bf16_named},
+                             {k: own_named[k] for k in bf16_named})
         report.low_precision("bfloat16", "grad", bf16_grads, ref64_grads, own_grads)
 
     measure_one()

@@ -113,7 +113,8 @@ def test_bfloat16_autocast_error_within_k_of_reference_own(case):
     ref64_named, ref64_grads = case.reference(np.float64)
     own_named, own_grads = case.reference(np.float64, round_inputs_to_bfloat16=True)
     named, grads = bf16_autocast_named_and_grads(case)
-    assert_close_lowp(named, ref64_named, {k: own_named[k] for k in named}, "forward", "bfloat16")
+    assert_close_lowp(named, {k: ref64_named[k] for k in named}, {k: own_named[k] for k in named}, "forward",
+                      "bfloat16")
     assert_close_lowp(grads, ref64_grads, own_grads, "grad", "bfloat16")
 
 

@@ -9,7 +9,7 @@ measured against the tree's largest instead. Measured: such exact zeros are <= 3
 tree's largest, every other gradient >= 6e-4 of it (1,000 drawn configs).
 
 - float64 is where the math is proven: a backend must match the float64 reference to `rel`.
-- float32 (and bfloat16) are judged against the reference's own error at that precision, as
+- float32 and bfloat16 are judged against the reference's own error at that precision, as
   flash-attention does: err(backend_lowp vs ref64) <= k * max(err(ref_lowp vs ref64), floor).
   `floor` keeps k meaningful where the reference happens to be exact (e.g. a zero tensor).
 """
@@ -27,8 +27,11 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     # k: the worst ratio measured over 520 configs was 2.85 (forward) and 12.1 (gradients: batch
     # sums such as reg_tokens' and the images' cancel, so the reference can be lucky in more ways).
     "float32": {"forward": {"k": 4.0, "floor": 2.0**-21}, "grad": {"k": 16.0, "floor": 2.0**-21}},
-    # The reference's own bfloat16 error: float64 math on parameters and images rounded to bfloat16.
-    "bfloat16": {"forward": {"k": 8.0, "floor": 2.0**-8}, "grad": {"k": 8.0, "floor": 2.0**-8}},
+    # bfloat16 computation with float32 parameters (torch autocast, flax dtype=bfloat16). The reference's
+    # own bfloat16 error: float64 math on parameters and images rounded to bfloat16. floor: bfloat16's
+    # unit roundoff. k: the worst ratio measured over 520 configs was 6.8 (forward) and 19.8 (gradients:
+    # the final norm's bias, a batch sum of softmax - target computed from bfloat16 logits).
+    "bfloat16": {"forward": {"k": 16.0, "floor": 2.0**-8}, "grad": {"k": 32.0, "floor": 2.0**-8}},
 }
 
 

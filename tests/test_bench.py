@@ -13,10 +13,11 @@ pytest.importorskip("torch")
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
-from bench import run
+from bench import loop, run
 from bench.flops import forward_matmul_flops, train_matmul_flops
 from bench.timing import interleaved_rates
 from bench.torch_impls import has_transformers
+from tests.test_training import write_fashion_mnist
 from vitspec import variant
 
 MODES = ("forward", "train")
@@ -89,3 +90,15 @@ def test_matmul_flops_of_b16_match_the_published_count():
     cfg = variant("B/16")
     assert forward_matmul_flops(cfg) / 2e9 == pytest.approx(17.56, abs=0.01)
     assert train_matmul_flops(cfg) == 3 * forward_matmul_flops(cfg)
+
+
+def test_loop_bench_runs_the_training_loop_and_the_bare_step(tmp_path):
+    write_fashion_mnist(tmp_path / "fashion-mnist", train=80, test=20)
+    results = loop.main(["--model", "fmnist-tiny", "--batch-size", "16", "--steps", "2", "--rounds", "2",
+                         "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--validation-size", "16",
+                         "--model-overrides", '{"depth": 1, "width": 16, "num_heads": 2, "mlp_dim": 32}'])
+    assert [r["backend"] for r in results] == ["torch", "flax"]
+    for r in results:
+        assert len(r["loop_images_per_second"]) == len(r["bare_images_per_second"]) == 2
+        assert r["loop_over_bare"]["min"] <= r["loop_over_bare"]["median"] <= r["loop_over_bare"]["max"]
+    assert json.loads((tmp_path / "out" / "loop_results.json").read_text()) == results

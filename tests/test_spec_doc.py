@@ -66,3 +66,14 @@ def test_every_parameter_name_is_in_the_parameter_table():
         owner = generic.rsplit("/", 1)[0]
         assert any(d in (generic, owner) or (d.endswith("/") and generic.startswith(d)) for d in documented), (
             f"{generic} is not in SPEC.md's parameter table")
+
+
+def test_tolerance_table_matches_the_code():
+    from parity_tests.tolerances import TOLERANCES
+
+    rows = _rows(r"(float64|float32|bfloat16)", SPEC.split("## 9. Tolerances")[1])
+    documented = {(dtype, "grad" if quantity == "gradients" else quantity): bound
+                  for dtype, quantity, bound, _ in rows}
+    expected = {(dtype, kind): (f"rel {tol['rel']:g}" if "rel" in tol else f"k = {tol['k']:g}")
+                for dtype, kinds in TOLERANCES.items() for kind, tol in kinds.items()}
+    assert documented == expected

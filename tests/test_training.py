@@ -33,17 +33,21 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """80 training and 20 test images; brightness depends on the label, so there is signal to learn."""
+    """80 training and 20 test images."""
     root = tmp_path_factory.mktemp("data")
-    directory = root / "fashion-mnist"
-    directory.mkdir()
+    write_fashion_mnist(root / "fashion-mnist", train=80, test=20)
+    return root
+
+
+def write_fashion_mnist(directory: Path, train: int, test: int) -> None:
+    """The four official IDX files; brightness depends on the label, so there is signal to learn."""
+    directory.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for prefix, count in (("train", 80), ("t10k", 20)):
+    for prefix, count in (("train", train), ("t10k", test)):
         labels = rng.integers(0, 10, count)
         images = rng.integers(0, 60, (count, 28, 28)) + 19 * labels[:, None, None]
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
 
 
 def flags(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
