@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,11 +66,7 @@ def measure(backend_name: str, args: argparse.Namespace, training_flags: list[st
 def _loop_rate(run: training.Run, backend, batches, state: training.RunState, steps: int) -> float:
     """Images/s of `steps` steps of the training loop, by its own clock (state.progress)."""
     seen, seconds = state.progress.seen, state.progress.seconds  # a round ends early at an epoch's end
-    stderr, sys.stderr = sys.stderr, io.StringIO()  # the loop's end-of-round progress line
-    try:
-        training.train_epoch_steps(run, backend, batches, state, stop_step=state.step + steps)
-    finally:
-        sys.stderr = stderr
+    training.train_epoch_steps(run, backend, batches, state, stop_step=state.step + steps)
     return (state.progress.seen - seen) / (state.progress.seconds - seconds)
 
 
