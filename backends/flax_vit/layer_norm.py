@@ -3,7 +3,7 @@
 The two-pass variance mean((x - mean(x))^2) is the spec's (flax's default E[x^2] - E[x]^2 cancels
 catastrophically when |mean| >> std). Its autodiff backward is what costs: with
 `nn.LayerNorm(use_fast_variance=False)` a ViT-S/16 training step on CPU took 1.7x as long as with
-the fast variance, the gap growing with depth (measured, SPEC.md "Performance"). The closed-form
+the fast variance, the gap growing with depth (bench/PERFORMANCE.md). The closed-form
 VJP below is the one vitspec/grad.py derives, so the gradient is the same math in fewer passes:
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * scale

@@ -8,7 +8,7 @@ masked on the reference names through the converter's table, label smoothing via
 CPU in float32. torch.compile is not used: the model compiles without graph breaks
 (tests/test_torch_model.py), but on CPU the compiled training step was slower (S/16 batch 16:
 5.6 vs 6.0 img/s after a 26 s compile; the 32 px CIFAR model: no gain after 17 s), the step
-being matmul-bound (SPEC.md "Performance").
+being matmul-bound (bench/PERFORMANCE.md).
 """
 
 from __future__ import annotations
