@@ -1,7 +1,7 @@
 """Throughput of our backends and their peers: `python -m bench.run [--quick] [--models ...] [--out DIR]`.
 
-Measures the fp32 sgemm peak, then starts one worker process per framework (torch, flax, numpy)
-that times every implementation's forward and full training step, and writes
+Measures the fp32 sgemm peak, then starts one worker process per framework (torch, flax, numpy; each
+on the CPU only) that times every implementation's forward and full training step, and writes
 bench_results.json and bench_results.md to --out (default runs/bench/).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,10 @@ def run_worker(framework: str, args: argparse.Namespace) -> dict:
         out = Path(scratch) / f"{framework}.json"
         command = [sys.executable, "-m", "bench.worker", framework, "--out", str(out)]
         command += ["--quick"] * args.quick + (["--models", *args.models] if args.models else [])
-        subprocess.run(command, cwd=REPOSITORY, check=True)
+        # CPU only, every implementation alike: the GPU half of the benchmark (bf16, the GPU's peak)
+        # is not written yet, and a backend on a GPU beside peers on the CPU would be no comparison.
+        cpu_only = os.environ | {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
+        subprocess.run(command, cwd=REPOSITORY, check=True, env=cpu_only)
         return json.loads(out.read_text())
 
 
