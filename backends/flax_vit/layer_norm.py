@@ -37,14 +37,16 @@ def _normalize(x, scale, bias, eps):  # all in one dtype of at least float32
 
 
 def _normalize_forward(x, scale, bias, eps):
-    xc = x - jnp.mean(x, axis=-1, keepdims=True)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean
     rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
-    xhat = xc * rstd
-    return xhat * scale + bias, (xhat, rstd, scale)
+    # Saved: x itself (alive anyway) and two per-token scalars, not a normalized copy of x.
+    return xc * rstd * scale + bias, (x, mean, rstd, scale)
 
 
 def _normalize_backward(eps, residuals, dy):
-    xhat, rstd, scale = residuals
+    x, mean, rstd, scale = residuals
+    xhat = (x - mean) * rstd
     g = dy * scale
     dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
     batch_axes = tuple(range(dy.ndim - 1))
