@@ -22,12 +22,13 @@ load by name. Knobs big_vision lacks get names in the same style:
     fc_norm/{scale, bias}                                   norm after pooling (not in big_vision)
     pre_logits/{kernel, bias}, head/{kernel, bias}
 
-Images are NHWC. Attention is the explicit softmax(q k^T / sqrt(dh)) v on the CPU and wherever the
-probabilities themselves are needed (maps, attention dropout) or the computation is float64;
-elsewhere it runs through `jax.nn.dot_product_attention`, which may dispatch to a fused kernel. On the
-CPU that function is the same XLA operations and its backward measured slower (training step
-1.07x faster at cifar-notebook, 1.03x at S/16 with the explicit form, bench/PERFORMANCE.md); it
-always takes its softmax in float32, which would cap a float64 model at float32 accuracy.
+Images are NHWC. Attention runs through `jax.nn.dot_product_attention` (which may dispatch to a
+fused kernel), except where the explicit softmax(q k^T / sqrt(dh)) v is needed or pays: where the
+probabilities themselves are needed (maps, attention dropout); in float64, because that function
+always takes its softmax in float32, which would cap a float64 model at float32 accuracy; and when
+training on the CPU, where the library function is plain XLA whose backward measured slower (the
+training step 1.07x faster at cifar-notebook, 1.03x at S/16 with the explicit form, while the
+forward pass is faster with the library function; bench/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ def attention_probabilities(query, key):
     return jax.nn.softmax(logits, axis=-1).astype(key.dtype)
 
 
-def fused_attention_pays() -> bool:
-    """Whether to call jax.nn.dot_product_attention (decided when the module is traced)."""
-    return jax.default_backend() != "cpu"
+def fused_attention_pays(training: bool) -> bool:
+    """Whether jax.nn.dot_product_attention is the faster choice (decided when the module is traced)."""
+    return not training or jax.default_backend() != "cpu"
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -130,7 +131,7 @@ class MultiHeadDotProductAttention(nn.Module):
             q = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="query_ln")(q)
             k = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="key_ln")(k)
         needs_probs = return_probs or (self.dropout > 0.0 and not deterministic)
-        if needs_probs or q.dtype == jnp.float64 or not fused_attention_pays():  # see the module docstring
+        if needs_probs or q.dtype == jnp.float64 or not fused_attention_pays(not deterministic):  # see the docstring
             probs = attention_probabilities(q, k)
             mixed = jnp.einsum("nhqk,nkhd->nqhd", nn.Dropout(self.dropout)(probs, deterministic), v)
         else:
