@@ -29,9 +29,10 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "float32": {"forward": {"k": 4.0, "floor": 2.0**-21}, "grad": {"k": 16.0, "floor": 2.0**-21}},
     # bfloat16 computation with float32 parameters (torch autocast, flax dtype=bfloat16). The reference's
     # own bfloat16 error: float64 math on parameters and images rounded to bfloat16. floor: bfloat16's
-    # unit roundoff. k: the worst ratio measured over 520 configs was 6.8 (forward) and 19.8 (gradients:
-    # the final norm's bias, a batch sum of softmax - target computed from bfloat16 logits).
-    "bfloat16": {"forward": {"k": 16.0, "floor": 2.0**-8}, "grad": {"k": 32.0, "floor": 2.0**-8}},
+    # unit roundoff. k: the worst ratio measured over 640 configs was 6.8 (forward) and 37.2 (gradients:
+    # an attention key kernel; p99 13.6). Rounding the inputs misses what rounding every activation
+    # does to gradients that pass through the softmax backward and batch sums.
+    "bfloat16": {"forward": {"k": 16.0, "floor": 2.0**-8}, "grad": {"k": 64.0, "floor": 2.0**-8}},
 }
 
 
