@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import vitspec
 from parity_tests.strategies import configs, random_images, random_params
-from parity_tests.tolerances import TOLERANCES, tree_rel_errs
+from parity_tests.tolerances import TOLERANCES, assert_close_lowp, tree_rel_errs
 
 LABEL_SMOOTHING = 0.1
 
@@ -73,6 +73,24 @@ cases = st.builds(Case, configs(), st.integers(0, 2**16), st.integers(1, 3))
 
 def as_float64(tree: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+
+def assert_float32_close(case: Case, named: dict, grads: dict) -> None:
+    """A backend's float32 named values and gradients within k x the reference's own float32 error."""
+    ref64_named, ref64_grads = case.reference(np.float64)
+    ref32_named, ref32_grads = case.reference(np.float32)
+    assert_close_lowp(as_float64(named), ref64_named, ref32_named, "forward")
+    assert_close_lowp(as_float64(grads), ref64_grads, ref32_grads, "grad")
+
+
+def assert_bfloat16_close(case: Case, named: dict, grads: dict) -> None:
+    """A backend's bfloat16 named values (a subset of the reference's) and gradients within k x the
+    reference's own bfloat16 error."""
+    ref64_named, ref64_grads = case.reference(np.float64)
+    own_named, own_grads = case.reference(np.float64, round_inputs_to_bfloat16=True)
+    assert_close_lowp(as_float64(named), {k: ref64_named[k] for k in named}, {k: own_named[k] for k in named},
+                      "forward", "bfloat16")
+    assert_close_lowp(as_float64(grads), ref64_grads, own_grads, "grad", "bfloat16")
 
 
 class Report:

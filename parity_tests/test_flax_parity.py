@@ -25,8 +25,18 @@ import numpy as np
 from hypothesis import given, settings
 
 from backends.flax_vit import VisionTransformer, cross_entropy, from_reference, model, to_reference
-from parity_tests.cases import LABEL_SMOOTHING, Case, measure, as_float64, cases, uses_cross_entropy
-from parity_tests.tolerances import assert_close_f64, assert_close_lowp
+from parity_tests.cases import (
+    LABEL_SMOOTHING,
+    Case,
+    as_float64,
+    assert_bfloat16_close,
+    assert_float32_close,
+    cases,
+    measure,
+    uses_cross_entropy,
+)
+from parity_tests.tolerances import assert_close_f64
+
 
 def flax_named_and_grads(case: Case, dtype) -> tuple[dict, dict]:
     """Named values and reference-named gradients from one jitted Flax computation in `dtype`."""
@@ -72,12 +82,9 @@ def test_float64_matches_reference(case):
 
 @given(cases)
 def test_float32_error_within_k_of_reference_own(case):
-    ref64_named, ref64_grads = case.reference(np.float64)
-    ref32_named, ref32_grads = case.reference(np.float32)
     named, grads = flax_named_and_grads(case, np.float32)
     assert all(v.dtype == np.float32 for v in named.values())
-    assert_close_lowp(as_float64(named), ref64_named, ref32_named, "forward")
-    assert_close_lowp(as_float64(grads), ref64_grads, ref32_grads, "grad")
+    assert_float32_close(case, named, grads)
 
 
 @settings(max_examples=10)
@@ -85,13 +92,10 @@ def test_float32_error_within_k_of_reference_own(case):
 def test_explicit_attention_path_float32_error_within_k_of_reference_own(case):
     # These tests run in eval mode, which takes jax.nn.dot_product_attention in float32; training on
     # the CPU takes the explicit attention instead, held to the same bound here.
-    ref64_named, ref64_grads = case.reference(np.float64)
-    ref32_named, ref32_grads = case.reference(np.float32)
     with mock.patch.object(model, "fused_attention_pays", return_value=False) as pays:
         named, grads = flax_named_and_grads(case, np.float32)
     assert pays.called
-    assert_close_lowp(as_float64(named), ref64_named, ref32_named, "forward")
-    assert_close_lowp(as_float64(grads), ref64_grads, ref32_grads, "grad")
+    assert_float32_close(case, named, grads)
 
 
 def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
@@ -106,13 +110,8 @@ def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
 
 @given(cases)
 def test_bfloat16_error_within_k_of_reference_own(case):
-    ref64_named, ref64_grads = case.reference(np.float64)
-    own_named, own_grads = case.reference(np.float64, round_inputs_to_bfloat16=True)
     named, grads = bfloat16_named_and_grads(case)
-    assert all(v.dtype == np.float64 for v in named.values())
-    assert_close_lowp(named, {k: ref64_named[k] for k in named}, {k: own_named[k] for k in named}, "forward",
-                      "bfloat16")
-    assert_close_lowp(grads, ref64_grads, own_grads, "grad", "bfloat16")
+    assert_bfloat16_close(case, named, grads)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,17 @@ from hypothesis import strategies as st
 
 import vitspec
 from backends.torch_vit import VisionTransformer, from_reference, to_reference
-from parity_tests.cases import LABEL_SMOOTHING, Case, measure, cases, uses_cross_entropy
+from parity_tests.cases import (
+    LABEL_SMOOTHING,
+    Case,
+    assert_bfloat16_close,
+    assert_float32_close,
+    cases,
+    measure,
+    uses_cross_entropy,
+)
 from parity_tests.strategies import configs, random_params
-from parity_tests.tolerances import assert_close_f64, assert_close_lowp
+from parity_tests.tolerances import assert_close_f64
 
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 
@@ -101,21 +109,14 @@ def test_float64_matches_reference(case):
 
 @given(cases)
 def test_float32_error_within_k_of_reference_own(case):
-    ref64_named, ref64_grads = case.reference(np.float64)
-    ref32_named, ref32_grads = case.reference(np.float32)
     named, grads = torch_named_and_grads(case, np.float32)
-    assert_close_lowp(named, ref64_named, ref32_named, "forward")
-    assert_close_lowp(grads, ref64_grads, ref32_grads, "grad")
+    assert_float32_close(case, named, grads)
 
 
 @given(cases)
 def test_bfloat16_autocast_error_within_k_of_reference_own(case):
-    ref64_named, ref64_grads = case.reference(np.float64)
-    own_named, own_grads = case.reference(np.float64, round_inputs_to_bfloat16=True)
     named, grads = bf16_autocast_named_and_grads(case)
-    assert_close_lowp(named, {k: ref64_named[k] for k in named}, {k: own_named[k] for k in named}, "forward",
-                      "bfloat16")
-    assert_close_lowp(grads, ref64_grads, own_grads, "grad", "bfloat16")
+    assert_bfloat16_close(case, named, grads)
 
 
 @given(configs(), st.integers(0, 2**16), st.sampled_from([np.float32, np.float64]))
