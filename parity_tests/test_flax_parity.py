@@ -10,18 +10,18 @@ parameters and images rounded to bfloat16.
 Every example compiles one jitted function (forward, attention maps and gradients together):
 compiling (about a second on 2 CPU cores) is most of the cost, so each test compiles once per example.
 
-`python -m parity_tests.test_flax_parity [examples]` prints the worst errors and float32 ratios
-over many examples (the numbers behind the float32 k of the tolerance table).
+`python -m parity_tests.sweep run flax` measures the errors and ratios over many examples (the
+numbers behind the low-precision rows of the tolerance table).
 """
 
 from __future__ import annotations
 
-import sys
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 
 from backends.flax_vit import VisionTransformer, cross_entropy, from_reference, model, to_reference
@@ -32,7 +32,6 @@ from parity_tests.cases import (
     assert_bfloat16_close,
     assert_float32_close,
     cases,
-    measure,
     uses_cross_entropy,
 )
 from parity_tests.tolerances import assert_close_f64
@@ -80,6 +79,7 @@ def test_float64_matches_reference(case):
     assert_close_f64(grads, ref_grads, "grad")
 
 
+@pytest.mark.low_precision
 @given(cases)
 def test_float32_error_within_k_of_reference_own(case):
     named, grads = flax_named_and_grads(case, np.float32)
@@ -87,6 +87,7 @@ def test_float32_error_within_k_of_reference_own(case):
     assert_float32_close(case, named, grads)
 
 
+@pytest.mark.low_precision
 @settings(max_examples=10)
 @given(cases)
 def test_explicit_attention_path_float32_error_within_k_of_reference_own(case):
@@ -108,11 +109,9 @@ def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
     return as_float64(named), as_float64(grads)
 
 
+@pytest.mark.low_precision
 @given(cases)
 def test_bfloat16_error_within_k_of_reference_own(case):
     named, grads = bfloat16_named_and_grads(case)
     assert_bfloat16_close(case, named, grads)
 
-
-if __name__ == "__main__":
-    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 100, flax_named_and_grads, bfloat16_named_and_grads)

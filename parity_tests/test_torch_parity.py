@@ -6,15 +6,15 @@ error against the float64 reference stays within k x the reference's own float32
 bfloat16 autocast (float32 parameters, as trained): forward and gradients within k x the
 reference's own bfloat16 error, float64 math on parameters and images rounded to bfloat16.
 
-`python -m parity_tests.test_torch_parity [examples]` prints the measured errors and ratios
-over many examples (the numbers behind the float32 k of the tolerance table).
+`python -m parity_tests.sweep run torch` measures the errors and ratios over many examples
+(the numbers behind the low-precision rows of the tolerance table).
 """
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -28,7 +28,6 @@ from parity_tests.cases import (
     assert_bfloat16_close,
     assert_float32_close,
     cases,
-    measure,
     uses_cross_entropy,
 )
 from parity_tests.strategies import configs, random_params
@@ -107,12 +106,14 @@ def test_float64_matches_reference(case):
     assert_close_f64(grads, ref_grads, "grad")
 
 
+@pytest.mark.low_precision
 @given(cases)
 def test_float32_error_within_k_of_reference_own(case):
     named, grads = torch_named_and_grads(case, np.float32)
     assert_float32_close(case, named, grads)
 
 
+@pytest.mark.low_precision
 @given(cases)
 def test_bfloat16_autocast_error_within_k_of_reference_own(case):
     named, grads = bf16_autocast_named_and_grads(case)
@@ -127,6 +128,3 @@ def test_round_trip_reference_torch_reference_is_bit_exact(cfg, seed, dtype):
     for k in params:
         assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
 
-
-if __name__ == "__main__":
-    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200, torch_named_and_grads, bf16_autocast_named_and_grads)

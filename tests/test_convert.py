@@ -72,7 +72,8 @@ def test_image_size_resamples_and_reports(ref_file, tmp_path, capsys):
     assert code == 0
     assert ("image size (4, 6) -> (8, 12): position embedding resampled 2x2 -> 4x4 "
             "(bilinear, big_vision's)") in out
-    cfg, _ = load_any(tmp_path / "big.npz", gelu="exact")
+    assert "read it back with --gelu exact --source-image-size 8,12" in out
+    cfg, _ = load_any(tmp_path / "big.npz", gelu="exact", image_size=(8, 12))
     assert cfg.image_size == (8, 12)
 
 
@@ -113,7 +114,7 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, capsys):
     native = vitspec.formats.EXTERNAL["flax"].from_reference(random_params(SMALL, 0), SMALL)
     native["Transformer/encoder_norm/bias"] = np.zeros(11)
     np.savez(tmp_path / "bad.npz", **native)
-    err = error_of(capsys, tmp_path / "bad.npz", tmp_path / "out.npz")
+    err = error_of(capsys, tmp_path / "bad.npz", tmp_path / "out.npz", "--source-image-size", "4,6")
     assert "Transformer/encoder_norm/bias: expected (12,), got (11,)" in err
 
 
@@ -177,11 +178,42 @@ def test_non_square_grid_needs_the_source_image_size(tmp_path, capsys):
     cfg = SMALL.replace(image_size=(4, 9))  # a 2x3 grid: 6 posemb rows after the class token
     save_any(tmp_path / "wide.npz", "vit_jax", cfg, random_params(cfg, 0))
     err = error_of(capsys, tmp_path / "wide.npz", tmp_path / "out.safetensors")
-    assert ("the position embedding has 7 rows (6 without the 1 class/register rows): not a square "
-            "patch grid, so the image size cannot be read from it; pass --source-image-size H,W") in err
+    assert ("the position embedding has 7 rows: 1 class/register row(s) + 6 patch rows, as vision_transformer's "
+            "convention has it is not a square patch grid, so the image size cannot be read from it") in err
+    assert "Pass --source-image-size H,W" in err
     code, _, _ = run(capsys, tmp_path / "wide.npz", tmp_path / "out.safetensors",
                      "--source-image-size", "4,9")
     assert code == 0
+
+
+# Each ecosystem's convention says whether the prefix tokens have position-embedding rows. Where
+# the rows fit a square grid only against it, the file is another model than the convention's:
+# refused, naming the flag. (rows, prefix tokens, format): the example of the "proofs" issue is a
+# timm 32x48 patch-8 model, 1 class row + 24 patch rows = 25, which is no 5x5 grid.
+AMBIGUOUS = [
+    ("torch", dict(image_size=(32, 48), patch_size=8), "(timm's no_embed_class models)"),
+    ("torch", dict(image_size=(16, 16), patch_size=4, num_registers=2, posemb_on_cls=False),
+     "(timm's no_embed_class models)"),
+    ("flax", dict(image_size=(8, 8), patch_size=4), "1 class/register row(s) + 4 patch rows would be a square"),
+    ("hf", dict(image_size=(8, 24), patch_size=8, ln_eps=1e-12), "is not a square patch grid"),
+]
+
+
+@pytest.mark.parametrize("fmt, overrides, alternative", AMBIGUOUS)
+def test_a_reading_against_the_convention_is_refused_naming_the_flag(tmp_path, capsys, fmt, overrides,
+                                                                      alternative):
+    cfg = ViTConfig(width=12, depth=1, num_heads=3, mlp_dim=8, num_classes=2, **overrides)
+    path = tmp_path / ("model.npz" if fmt == "flax" else "model.safetensors")
+    save_any(path, fmt, cfg, random_params(cfg, 0))
+    err = error_of(capsys, path, tmp_path / "out.safetensors", "--heads", "3", "--from", fmt)
+    assert "cannot be read from it" in err and alternative in err
+    assert "Pass --source-image-size H,W" in err
+    size = ",".join(map(str, cfg.image_size))
+    code, _, _ = run(capsys, path, tmp_path / "back.safetensors", "--heads", "3", "--from", fmt,
+                     "--source-image-size", size, "--gelu", cfg.gelu, "--ln-eps", str(cfg.ln_eps))
+    assert code == 0
+    back, params = vitspec.load(tmp_path / "back.safetensors")
+    assert back.replace(layer_scale=cfg.layer_scale) == cfg
 
 
 def test_existing_target_is_not_overwritten(ref_file, tmp_path, capsys):

@@ -183,7 +183,7 @@ FIXTURES = {
     # name: (format, config overrides, native builder, writer, file name, flags for reading)
     "timm, every knob": ("torch", dict(pool="map", class_token=False, num_registers=2, posemb_on_cls=False,
                                        qk_norm=True, layer_scale=0.1, fc_norm=True, representation_size=7),
-                         timm_native, save_torch, "model.pth", dict(heads=3)),
+                         timm_native, save_torch, "model.pth", dict(heads=3, image_size=SMALL["image_size"])),
     "big_vision MAP": ("flax", dict(pool="map", class_token=False, posemb_on_cls=False, representation_size=7,
                                     gelu="tanh"),
                        big_vision_native, save_npz("params/"), "bv.npz", {}),

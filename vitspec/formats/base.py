@@ -190,19 +190,41 @@ def _grid_and_on_cls(facts: Facts, conv: Convention, flags: Mapping[str, Any],
             return grid, unseen
         raise FormatError(f"inconsistent flags: source image size {flags['image_size']} gives {patches} "
                           f"patches (+{prefix} prefix tokens), but the position embedding has {rows} rows")
-    on_cls_fits = prefix and rows > prefix and _is_square(rows - prefix)
-    if on_cls_fits and (conv.posemb_on_cls or not _is_square(rows)):
+    # Without the image size, the rows are read by the ecosystem's convention alone: a reading that
+    # only fits against the convention (timm rows that make a square grid only without a class
+    # row) is a different model, not a fallback, so it is refused with the flag that settles it.
+    with_prefix = prefix and rows > prefix and _is_square(rows - prefix)
+    if prefix and conv.posemb_on_cls and with_prefix:
         grid, on_cls = _square(rows - prefix), True
-    elif _is_square(rows):
+    elif (not prefix or not conv.posemb_on_cls) and _is_square(rows):
         grid, on_cls = _square(rows), unseen
     else:
-        without_prefix = f" ({rows - prefix} without the {prefix} class/register rows)" if prefix else ""
-        raise FormatError(f"the position embedding has {rows} rows{without_prefix}: not a square patch grid, "
-                          "so the image size cannot be read from it; pass --source-image-size H,W")
+        raise FormatError(_unreadable_grid(rows, prefix, conv))
     notes.append(f"patch grid {grid[0]}x{grid[1]}: the square grid that the {rows}-row position embedding "
                  f"holds{' with its prefix rows' if on_cls and prefix else ''} (pass --source-image-size "
                  "for another)")
     return grid, on_cls
+
+
+def _unreadable_grid(rows: int, prefix: int, conv: Convention) -> str:
+    if not prefix:
+        reading = f"{rows} patch rows"
+    elif conv.posemb_on_cls:
+        reading = (f"{prefix} class/register row(s) + {rows - prefix} patch rows, as {conv.ecosystem}'s "
+                   "convention has it")
+    else:
+        reading = (f"{rows} patch rows and none for the {prefix} class/register token(s), as "
+                   f"{conv.ecosystem}'s convention has it")
+    others = []
+    if prefix and conv.posemb_on_cls and _is_square(rows):
+        others.append(f"{rows} patch rows and no class/register rows would be a square grid (timm's "
+                      "no_embed_class models)")
+    if prefix and not conv.posemb_on_cls and rows > prefix and _is_square(rows - prefix):
+        others.append(f"{prefix} class/register row(s) + {rows - prefix} patch rows would be a square grid")
+    alternative = f"; {others[0]}" if others else ""
+    return (f"the position embedding has {rows} rows: {reading} is not a square patch grid, so the image "
+            f"size cannot be read from it{alternative}. Pass --source-image-size H,W (the resolution the "
+            "checkpoint was trained at), which settles both the grid and whether the prefix tokens have rows")
 
 
 def _grid_of_flag(image: Any, patch: tuple[int, int]) -> tuple[int, int] | None:
