@@ -2,7 +2,7 @@
 
 Flags it does not know (e.g. `--model-overrides`, `--validation-size`) go to the training parser.
 
-Does the data pipeline keep up? Each round runs `--steps` steps of vitspec.training's own epoch
+Does the data pipeline keep up? Each round runs `--steps` steps of vitspec.app.training's own epoch
 loop (prefetched batches of the real dataset with the recipe's augmentation, the schedule, the
 progress bookkeeping), then `--steps` bare training steps on one fixed batch, synchronized at the
 end. The loop's images/s over the bare step's, median over the rounds, should be >= 0.95.
@@ -12,7 +12,6 @@ The rounds alternate so that a change in the machine's load lands on both.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from collections.abc import Sequence
@@ -20,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vitspec import pipeline, training
+from vitspec.app import pipeline
+from vitspec.app.training import cli, loop
+from vitspec.app.training.state import RunState
 
-BACKENDS = {"torch": "backends.torch_vit.train", "flax": "backends.flax_vit.train"}
+BACKENDS = ("torch", "flax")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -39,12 +40,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def measure(backend_name: str, args: argparse.Namespace, training_flags: list[str]) -> dict:
-    module = importlib.import_module(BACKENDS[backend_name])
     flags = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size),
              "--precision", "fp32", *training_flags] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
-    train_args = training.build_parser("bench.loop", backend_name).parse_args(flags)
-    run = training.setup(train_args, backend_name, module.create_backend, "fp32")
-    backend, state = training.start(run)
+    config = cli.config_of(cli.build_parser("bench.loop", backend_name).parse_args(flags))
+    run = loop.setup(config, Path("runs/bench/loop"), backend_name)
+    backend, state = loop.start(run, resume=False)
     train_set = run.dataset.train
     stream = pipeline.train_batches(train_set.images, train_set.labels, args.batch_size, state.loader,
                                     run.augmentation)
@@ -63,10 +63,10 @@ def measure(backend_name: str, args: argparse.Namespace, training_flags: list[st
                                "max": float(ratios.max())}}
 
 
-def _loop_rate(run: training.Run, backend, batches, state: training.RunState, steps: int) -> float:
+def _loop_rate(run: loop.Run, backend, batches, state: RunState, steps: int) -> float:
     """Images/s of `steps` steps of the training loop, by its own clock (state.progress)."""
     seen, seconds = state.progress.seen, state.progress.seconds  # a round ends early at an epoch's end
-    training.train_epoch_steps(run, backend, batches, state, stop_step=state.step + steps)
+    loop.train_epoch_steps(run, backend, batches, state, stop_step=state.step + steps)
     return (state.progress.seen - seen) / (state.progress.seconds - seconds)
 
 

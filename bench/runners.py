@@ -9,8 +9,9 @@ from collections.abc import Callable
 import numpy as np
 
 import vitspec
+from vitspec.app.datasets import STATS
+from vitspec.app.training.backend import normalization_table
 from vitspec.config import ViTConfig
-from vitspec.datasets import STATS
 from vitspec.recipe import Recipe
 
 LEARNING_RATE = Recipe().base_lr  # every implementation's AdamW runs at the recipe's lr
@@ -36,7 +37,8 @@ def float_batch(images: np.ndarray) -> np.ndarray:
 
 def backend_runner(backend_class, cfg: ViTConfig, batch: int) -> Runner:
     """Ours: the training Backend itself (uint8 in, on-device normalization, the recipe's clipped AdamW)."""
-    backend = backend_class(cfg, vitspec.init_params(cfg, seed=0), Recipe(), STATS["cifar10"], "fp32", seed=0)
+    backend = backend_class(cfg, vitspec.init_params(cfg, seed=0), Recipe(), normalization_table(STATS["cifar10"]), "fp32",
+                            seed=0)
     images, labels = random_batch(cfg, batch)
     return Runner(forward=lambda: backend.eval_logits(images),
                   train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]))

@@ -12,7 +12,6 @@ import numpy as np
 from hypothesis import strategies as st
 
 import vitspec
-from vitspec.reference import smoothed_targets, softmax
 from parity_tests.relabel import (
     random_relabeling,
     relabel_params,
@@ -22,6 +21,7 @@ from parity_tests.relabel import (
 )
 from parity_tests.strategies import configs, random_images, random_params
 from parity_tests.tolerances import assert_close_lowp
+from vitspec.reference import smoothed_targets, softmax
 
 LABEL_SMOOTHING = 0.1
 # How many roundings of the float32 reference the float32 yardstick takes the largest error of.

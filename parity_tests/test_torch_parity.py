@@ -12,7 +12,6 @@ reference's own bfloat16 error, float64 math on parameters and images rounded to
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Training parity: the same 20 steps of the recipe in NumPy, PyTorch and Flax, in float64.
 
-Same reference init, same uint8 batches (from vitspec.pipeline), no dropout; every part of the
+Same reference init, same uint8 batches (from vitspec.app.pipeline), no dropout; every part of the
 recipe is exercised: linear warmup then cosine decay, clipping that clips on some steps and not
 on others, weight decay on kernels only, label smoothing. The reference trajectory is a NumPy loop
 of `vitspec.loss_and_grad` and `recipe.adamw_step` on `datasets.normalize`d batches; each
@@ -25,7 +25,8 @@ from backends.torch_vit import convert as torch_convert
 from backends.torch_vit import train as torch_train
 from backends.torch_vit.train import TorchBackend
 from parity_tests.tolerances import tree_rel_errs
-from vitspec import datasets, pipeline
+from vitspec.app import datasets, pipeline
+from vitspec.app.training import normalization_table
 from vitspec.recipe import AdamState, Recipe, adamw_step, clip_scale, global_norm, learning_rate
 
 STEPS = 20
@@ -77,14 +78,14 @@ def backend_trajectory(backend) -> tuple[list[float], dict[str, np.ndarray]]:
 @functools.cache
 def torch_trajectory():
     params = vitspec.init_params(CFG, SEED, dtype=np.float64)
-    return backend_trajectory(TorchBackend(CFG, params, RECIPE, STATS, "fp64", SEED, device="cpu"))
+    return backend_trajectory(TorchBackend(CFG, params, RECIPE, normalization_table(STATS), "fp64", SEED, device="cpu"))
 
 
 @functools.cache
 def flax_trajectory():
     params = vitspec.init_params(CFG, SEED, dtype=np.float64)
     with jax.enable_x64(True):
-        return backend_trajectory(FlaxBackend(CFG, params, RECIPE, STATS, "fp64", SEED))
+        return backend_trajectory(FlaxBackend(CFG, params, RECIPE, normalization_table(STATS), "fp64", SEED))
 
 
 TRAJECTORIES = {"torch": torch_trajectory, "flax": flax_trajectory}

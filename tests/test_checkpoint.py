@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 import vitspec
 from parity_tests.strategies import configs, random_params
 from vitspec import CheckpointError
-from vitspec import checkpoint as ckpt
+from vitspec.formats import checkpoint as ckpt
 
 
 @settings(max_examples=10)

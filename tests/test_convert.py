@@ -12,10 +12,10 @@ import torch
 
 import vitspec
 from parity_tests.strategies import random_params
-from vitspec.checkpoint import CheckpointError
+from vitspec.app.convert import convert, main
 from vitspec.config import ViTConfig
-from vitspec.conversion import convert, main
 from vitspec.formats import FormatError, load_any, save_any
+from vitspec.formats.checkpoint import CheckpointError
 
 SMALL = ViTConfig(image_size=(4, 6), patch_size=(2, 3), width=12, depth=1, num_heads=3, mlp_dim=20,
                   num_classes=5)

@@ -9,13 +9,14 @@ import pickle
 import struct
 import tarfile
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vitspec import datasets
-from vitspec.datasets import (
+from vitspec.app import datasets
+from vitspec.app.datasets import (
     ChecksumError,
     DatasetError,
     DatasetNotFoundError,
@@ -172,7 +173,7 @@ def test_cifar_rows_are_channel_planes():
     image[0, 0, 1, 2] = 7  # blue, row 0, column 1
     batch = {b"data": np.zeros((1, 3072), dtype=np.uint8)}
     batch[b"data"][0, 2 * 1024 + 1] = 7
-    np.testing.assert_array_equal(datasets._cifar_images(batch, "t"), image)
+    np.testing.assert_array_equal(datasets.cifar._cifar_images(batch, "t"), image)
 
 
 def test_cifar10_extracted_directory_matches_archive(tmp_path):
@@ -333,7 +334,7 @@ def test_missing_dataset_says_where_to_put_what(tmp_path, monkeypatch):
     assert str((tmp_path / "cifar-10-python.tar.gz").resolve()) in message
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
 
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(datasets.fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFoundError, match=r"apt-get install -y dataset-fashion-mnist"):
         datasets.read_official("fashion_mnist", tmp_path)
 
@@ -366,7 +367,7 @@ def test_real_cifar_stats(name):
         official = datasets.read_official(name)
     except DatasetNotFoundError:
         pytest.skip(
-            f"{name} not in {datasets.default_data_dir()}: `python -m vitspec.datasets download {name}`"
+            f"{name} not in {datasets.default_data_dir()}: `vitspec download {name}`"
         )
     assert (len(official.train), len(official.test)) == (50_000, 10_000)
     stats = datasets.channel_stats(official.train.images)
@@ -417,7 +418,7 @@ def test_download_offline_says_what_to_put_where(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DownloadError) as raised:
         datasets.download("fashion_mnist", tmp_path)
     message = str(raised.value)
@@ -435,7 +436,7 @@ def test_download_keeps_verified_files(tmp_path, monkeypatch):
     monkeypatch.setitem(datasets.RESOURCES, "cifar100", (resource,))
     (tmp_path / "x.tar.gz").write_bytes(blob)
     monkeypatch.setattr(
-        datasets.urllib.request, "urlopen", lambda *a, **k: pytest.fail("should not download")
+        urllib.request, "urlopen", lambda *a, **k: pytest.fail("should not download")
     )
     assert datasets.download("cifar100", tmp_path) == [tmp_path / "x.tar.gz"]
 
@@ -449,7 +450,7 @@ def test_load_downloads_missing_files(tmp_path, monkeypatch):
         for name in [Path(r.relative_path).name]
     )
     monkeypatch.setitem(datasets.RESOURCES, "fashion_mnist", resources)
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(datasets.fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere")
     data = datasets.load("fashion_mnist", tmp_path / "data", validation_size=2, download_missing=True)
     assert (len(data.train), len(data.validation), len(data.test)) == (5, 2, 4)
     assert (tmp_path / "data" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").is_file()

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import vitspec
 from parity_tests.strategies import configs, random_images, random_params
 from parity_tests.tolerances import assert_close_f64
+from vitspec.app.convert import reading_flags
 from vitspec.config import ViTConfig
-from vitspec.conversion import reading_flags
 from vitspec.formats import EXTERNAL, FormatError, load_any, save_any
 from vitspec.params import param_shapes
 

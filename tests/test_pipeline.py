@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vitspec import pipeline
-from vitspec.pipeline import Augmentation, LoaderState, Prefetcher, RandomResizedCrop
+from vitspec.app import pipeline
+from vitspec.app.pipeline import Augmentation, LoaderState, Prefetcher, RandomResizedCrop
 
 CROP_FLIP = Augmentation(crop_padding=4, horizontal_flip=True)
 RRC = Augmentation(crop_padding=0, horizontal_flip=True, random_resized_crop=RandomResizedCrop())

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import vitspec
 from parity_tests.strategies import random_images, random_params
 from parity_tests.tolerances import assert_close_f64
+from vitspec.app.convert import resample
 from vitspec.config import ViTConfig
-from vitspec.conversion import resample
 from vitspec.posemb import resample_posemb
 
 

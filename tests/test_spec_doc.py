@@ -3,8 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
-
 import vitspec
 
 SPEC = (Path(__file__).resolve().parents[1] / "SPEC.md").read_text()

@@ -1,7 +1,9 @@
-"""The training commands end to end on a tiny Fashion-MNIST-format dataset written by the tests.
+"""The training library end to end on a tiny Fashion-MNIST-format dataset written by the tests.
 
-The data is four IDX files in the official format under <tmp>/fashion-mnist/, which `--data-dir`
-finds exactly as it finds the real download. Each run trains a one-block model for a few steps.
+The data is four IDX files in the official format under <tmp>/fashion-mnist/, which `data_dir`
+finds exactly as it finds the real download. Each run trains a one-block model for a few steps,
+through `train_and_evaluate(TrainConfig(...), workdir, backend)`; tests/test_cli.py drives the
+commands.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import pytest
 import vitspec
 from backends.flax_vit import train as flax_train
 from backends.torch_vit import train as torch_train
-from vitspec import datasets, evaluate, training
+from vitspec.app import datasets, evaluate
+from vitspec.app.training import TrainConfig, normalization_table, train_and_evaluate
+from vitspec.app.training.state import BEST, LAST, LAST_STATE_JSON, LAST_STATE_NPZ
 from vitspec.recipe import Recipe
 
-MAINS = {"torch": torch_train.main, "flax": flax_train.main}
-TINY_MODEL = '{"depth": 1, "width": 16, "num_heads": 2, "mlp_dim": 32}'
+BACKENDS = ("flax", "torch")
+TINY_MODEL = {"depth": 1, "width": 16, "num_heads": 2, "mlp_dim": 32}
 STEPS_PER_EPOCH = 4  # 64 training images / batch 16
 
 
@@ -50,10 +54,10 @@ def write_fashion_mnist(directory: Path, train: int, test: int) -> None:
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
 
 
-def flags(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
-    return ["--dataset", "fashion-mnist", "--model", "fmnist-tiny", "--model-overrides", TINY_MODEL,
-            "--data-dir", str(data_dir), "--validation-size", "16", "--batch-size", "16", "--epochs", "2",
-            "--warmup-epochs", "1", "--eval-batch-size", "8", "--workdir", str(workdir), *extra]
+def config(data_dir: Path, **changes) -> TrainConfig:
+    settings = dict(dataset="fashion-mnist", model="fmnist-tiny", model_overrides=TINY_MODEL, data_dir=data_dir,
+                    validation_size=16, batch_size=16, epochs=2, warmup_epochs=1, eval_batch_size=8)
+    return TrainConfig(**(settings | changes))
 
 
 def params_of(path: Path) -> dict[str, np.ndarray]:
@@ -70,23 +74,23 @@ def assert_same_params(a: dict, b: dict) -> None:
 def straight_runs(data_dir, tmp_path_factory) -> dict[str, Path]:
     """Each backend's uninterrupted 2-epoch run; its workdir."""
     workdirs = {}
-    for backend, main in MAINS.items():
+    for backend in BACKENDS:
         workdirs[backend] = tmp_path_factory.mktemp(f"straight-{backend}")
-        main(flags(data_dir, workdirs[backend]))
+        train_and_evaluate(config(data_dir), workdirs[backend], backend)
     return workdirs
 
 
-@pytest.mark.parametrize("backend", sorted(MAINS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_step_smoke(backend, data_dir, tmp_path):
-    summary = MAINS[backend](flags(data_dir, tmp_path, "--max-steps", "1"))
+    summary = train_and_evaluate(config(data_dir, max_steps=1), tmp_path, backend)
     assert summary["steps_done"] == 1 and summary["epochs_done"] == 0
-    assert summary["checkpoint"].endswith(training.LAST)  # nothing validated yet: the test uses last
-    for name in ("config.json", training.LAST, training.LAST_STATE_NPZ, training.LAST_STATE_JSON, "summary.json"):
+    assert summary["checkpoint"].endswith(LAST)  # nothing validated yet: the test uses last
+    for name in ("config.json", LAST, LAST_STATE_NPZ, LAST_STATE_JSON, "summary.json"):
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("backend", sorted(MAINS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_full_run_writes_metrics_checkpoints_and_reports(backend, straight_runs):
     workdir = straight_runs[backend]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -96,7 +100,7 @@ def test_full_run_writes_metrics_checkpoints_and_reports(backend, straight_runs)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["epochs_done"] == 2 and summary["test_images"] == 20 and summary["test_top5"] is None
     assert 0 <= summary["test_top1"] <= 1
-    for name in (training.LAST, training.BEST):
+    for name in (LAST, BEST):
         vitspec.load(workdir / name)  # a valid reference checkpoint
     pytest.importorskip("matplotlib")
     assert (workdir / "curves.png").stat().st_size > 0 and (workdir / "confusion.png").stat().st_size > 0
@@ -110,7 +114,7 @@ def test_both_backends_train_the_same_run(straight_runs):
     for t, f in zip(torch_records, flax_records, strict=True):
         assert t["train_loss"] == pytest.approx(f["train_loss"], rel=1e-5)
         assert t["val_loss"] == pytest.approx(f["val_loss"], rel=1e-5)
-    torch_params, flax_params = params_of(torch_run / training.LAST), params_of(flax_run / training.LAST)
+    torch_params, flax_params = params_of(torch_run / LAST), params_of(flax_run / LAST)
     for name in torch_params:
         # The key bias's gradient is exactly zero in math (SPEC.md section 5): in float32 it is
         # rounding noise that AdamW scales up to ~1e-5, differently in each framework.
@@ -118,18 +122,18 @@ def test_both_backends_train_the_same_run(straight_runs):
         np.testing.assert_allclose(torch_params[name], flax_params[name], rtol=0, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", sorted(MAINS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_reaches_the_uninterrupted_run_bit_exactly(backend, data_dir, straight_runs, tmp_path):
     stop_at = STEPS_PER_EPOCH + 2  # in the middle of the second epoch
-    MAINS[backend](flags(data_dir, tmp_path, "--max-steps", str(stop_at)))
-    state = json.loads((tmp_path / training.LAST_STATE_JSON).read_text())
+    train_and_evaluate(config(data_dir, max_steps=stop_at), tmp_path, backend)
+    state = json.loads((tmp_path / LAST_STATE_JSON).read_text())
     assert state["step"] == stop_at and state["loader"]["step"] == 2
-    MAINS[backend](flags(data_dir, tmp_path, "--resume"))
+    train_and_evaluate(config(data_dir), tmp_path, backend, resume=True)
     straight = straight_runs[backend]
-    for name in (training.LAST, training.BEST):
+    for name in (LAST, BEST):
         assert_same_params(params_of(tmp_path / name), params_of(straight / name))
-    with np.load(tmp_path / training.LAST_STATE_NPZ) as resumed, \
-            np.load(straight / training.LAST_STATE_NPZ) as full:
+    with np.load(tmp_path / LAST_STATE_NPZ) as resumed, \
+            np.load(straight / LAST_STATE_NPZ) as full:
         assert sorted(resumed.files) == sorted(full.files)
         for key in full.files:
             np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
@@ -143,20 +147,22 @@ def test_resume_mid_epoch_reaches_the_uninterrupted_run_bit_exactly(backend, dat
 
 
 def test_resume_refuses_other_flags_and_damaged_checkpoints(data_dir, tmp_path):
-    torch_train.main(flags(data_dir, tmp_path, "--max-steps", "1"))
+    train_and_evaluate(config(data_dir, max_steps=1), tmp_path, "torch")
+    written = (tmp_path / "config.json").read_text()
     with pytest.raises(ValueError, match="--lr: saved 0.001, now 0.002"):
-        torch_train.main(flags(data_dir, tmp_path, "--resume", "--lr", "2e-3"))
-    with open(tmp_path / training.LAST_STATE_NPZ, "ab") as f:
+        train_and_evaluate(config(data_dir, lr=2e-3), tmp_path, "torch", resume=True)
+    assert (tmp_path / "config.json").read_text() == written  # a refused resume rewrites nothing
+    with open(tmp_path / LAST_STATE_NPZ, "ab") as f:
         f.write(b"x")
     with pytest.raises(ValueError, match="last.state.npz is missing or not the file"):
-        torch_train.main(flags(data_dir, tmp_path, "--resume"))
+        train_and_evaluate(config(data_dir), tmp_path, "torch", resume=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        torch_train.main(flags(data_dir, tmp_path / "empty", "--resume"))
+        train_and_evaluate(config(data_dir), tmp_path / "empty", "torch", resume=True)
 
 
-@pytest.mark.parametrize("trained_by", sorted(MAINS))
+@pytest.mark.parametrize("trained_by", BACKENDS)
 def test_a_checkpoint_predicts_the_same_in_every_implementation(trained_by, data_dir, straight_runs):
-    cfg, params = vitspec.load(straight_runs[trained_by] / training.BEST)
+    cfg, params = vitspec.load(straight_runs[trained_by] / BEST)
     dataset = datasets.load("fashion_mnist", data_dir, validation_size=16)
     logits = {name: evaluate.predictor(name, cfg, params, dataset.stats)(dataset.test.images)
               for name in evaluate.BACKENDS}
@@ -167,7 +173,7 @@ def test_a_checkpoint_predicts_the_same_in_every_implementation(trained_by, data
 
 
 def test_evaluate_command_gives_one_accuracy_for_all_backends(data_dir, straight_runs, tmp_path, capsys):
-    checkpoint = straight_runs["torch"] / training.BEST
+    checkpoint = straight_runs["torch"] / BEST
     results = {}
     for backend in evaluate.BACKENDS:
         output = tmp_path / f"{backend}.json"
@@ -186,14 +192,14 @@ def test_backends_normalize_exactly_like_the_reference(backend):
     expected = datasets.normalize(images, stats.mean, stats.std)
     if backend == "torch":
         cfg = vitspec.variant("cifar-notebook", depth=1)
-        model = torch_train.TorchBackend(cfg, vitspec.init_params(cfg), Recipe(), stats, "fp32", 0, device="cpu")
+        model = torch_train.TorchBackend(cfg, vitspec.init_params(cfg), Recipe(), normalization_table(stats),
+                                         "fp32", 0, device="cpu")
         got = model.normalize(images).permute(0, 2, 3, 1).numpy()
     else:
-        got = np.asarray(flax_train.normalize(images, training.normalization_table(stats), np.float32))
+        got = np.asarray(flax_train.normalize(images, normalization_table(stats), np.float32))
     np.testing.assert_array_equal(got, expected)
 
 
 def test_model_must_fit_the_dataset(data_dir, tmp_path):
     with pytest.raises(ValueError, match="takes 32x32x3 images; fashion-mnist has 28x28x1"):
-        torch_train.main(["--dataset", "fashion-mnist", "--model", "cifar-notebook", "--data-dir", str(data_dir),
-                          "--validation-size", "16", "--workdir", str(tmp_path)])
+        train_and_evaluate(config(data_dir, model="cifar-notebook", model_overrides={}), tmp_path, "torch")

@@ -1,13 +1,18 @@
-"""`python -m vitspec.convert SRC DST ...`: the command line of `vitspec.conversion` (see there).
+"""`python -m vitspec.convert`: convert a checkpoint between layouts (`vitspec convert`), kept for the
+commands people already use.
 
-The implementation lives in `vitspec.conversion` so that the package can export the function
-`vitspec.convert` without this module's name shadowing it, and without runpy's warning about a
-module imported before it runs as `__main__`.
+Run, it is the command; imported (`import vitspec.convert`), it stands aside for the function
+`vitspec.convert`: the import system binds `vitspec.convert` to what `sys.modules` holds under this
+name once the module has run, so the function is put there and the name keeps meaning the function.
 """
 
 import sys
 
-from vitspec.conversion import main
-
 if __name__ == "__main__":
+    from vitspec.app.convert import main
+
     sys.exit(main())
+else:
+    from vitspec.app.convert import convert
+
+    sys.modules[__name__] = convert

@@ -1,6 +1,6 @@
 """Train with JAX/Flax: `python -m backends.flax_vit.train --dataset fashion-mnist --model fmnist-tiny`.
 
-The flags, data, schedule and checkpoints are `vitspec.training`'s; this module is the Flax
+The flags, data, schedule and checkpoints are `vitspec.app.training`'s; this module is the Flax
 `Backend`: one jitted step (normalize, forward, backward, clip, AdamW) with the parameters and
 moments donated, so they are updated in place on the device. The update is the recipe's written
 out by hand (vitspec/recipe.py): optax's pieces compute the same expression, but a hand-written
@@ -14,7 +14,7 @@ hold equal to `vitspec.loss_and_grad`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 
 import jax
@@ -25,9 +25,7 @@ from flax import traverse_util
 from backends.flax_vit.convert import from_reference, mapping, to_reference
 from backends.flax_vit.loss import cross_entropy
 from backends.flax_vit.model import VisionTransformer
-from vitspec import training
 from vitspec.config import ViTConfig
-from vitspec.datasets import ChannelStats
 from vitspec.recipe import Recipe, decays
 
 # precision -> (computation dtype, parameter dtype)
@@ -52,9 +50,9 @@ def as_tree(reference: Mapping[str, np.ndarray], cfg: ViTConfig, dtype) -> dict:
 
 
 class FlaxBackend:
-    """vitspec.training.Backend in JAX/Flax; `precision` 'fp64' (x64 enabled) is for the parity tests."""
+    """vitspec.app.training.Backend in JAX/Flax; `precision` 'fp64' (x64 enabled) is for the parity tests."""
 
-    def __init__(self, cfg: ViTConfig, params: Mapping[str, np.ndarray], recipe: Recipe, stats: ChannelStats,
+    def __init__(self, cfg: ViTConfig, params: Mapping[str, np.ndarray], recipe: Recipe, normalization: np.ndarray,
                  precision: str, seed: int):
         self.cfg, self.recipe = cfg, recipe
         self.dtype, param_dtype = DTYPES[precision]
@@ -64,7 +62,7 @@ class FlaxBackend:
         self.nu = jax.tree.map(jnp.zeros_like, self.params)
         self.step = 0
         self.dropout_key = jax.random.key(seed)
-        self.table = jnp.asarray(training.normalization_table(stats))
+        self.table = jnp.asarray(normalization)
         self._train_step = jax.jit(partial(train_step, self.module, recipe, decay_mask(cfg)),
                                    donate_argnums=(0, 1, 2))
         self._logits = jax.jit(self._eval_logits)
@@ -138,16 +136,16 @@ def train_step(module: VisionTransformer, recipe: Recipe, decay: dict, params, m
     return new_params, new_mu, new_nu, loss, correct
 
 
-def create_backend(cfg: ViTConfig, params, recipe: Recipe, stats: ChannelStats, precision: str,
+def create_backend(cfg: ViTConfig, params, recipe: Recipe, normalization: np.ndarray, precision: str,
                    seed: int) -> FlaxBackend:
-    return FlaxBackend(cfg, params, recipe, stats, precision, seed)
+    return FlaxBackend(cfg, params, recipe, normalization, precision, seed)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    on_accelerator = jax.default_backend() != "cpu"
-    return training.main(argv, prog="python -m backends.flax_vit.train", backend_name="flax",
-                         create_backend=create_backend, default_precision="bf16" if on_accelerator else "fp32")
+def default_precision() -> str:
+    return "fp32" if jax.default_backend() == "cpu" else "bf16"
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here
+    from vitspec.app.training.cli import main
+
+    main(backend="flax", prog="python -m backends.flax_vit.train")

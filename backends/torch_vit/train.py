@@ -1,6 +1,6 @@
 """Train with PyTorch: `python -m backends.torch_vit.train --dataset fashion-mnist --model fmnist-tiny`.
 
-The flags, data, schedule and checkpoints are `vitspec.training`'s; this module is the PyTorch
+The flags, data, schedule and checkpoints are `vitspec.app.training`'s; this module is the PyTorch
 `Backend`: the recipe's clip written out by hand (torch's `clip_grad_norm_` divides by
 norm + 1e-6, the recipe by norm; see vitspec/recipe.py), then torch's fused AdamW with weight decay
 masked on the reference names through the converter's table, label smoothing via F.cross_entropy
@@ -13,7 +13,7 @@ being matmul-bound (bench/PERFORMANCE.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -21,9 +21,7 @@ import torch.nn.functional as F
 
 from backends.torch_vit.convert import from_reference, mapping_table, to_reference
 from backends.torch_vit.model import VisionTransformer
-from vitspec import training
 from vitspec.config import ViTConfig
-from vitspec.datasets import ChannelStats
 from vitspec.recipe import Recipe, decays
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.float32}  # bf16: fp32 params, autocast
@@ -58,9 +56,9 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class TorchBackend:
-    """vitspec.training.Backend in PyTorch; `precision` 'fp64' is for the parity tests."""
+    """vitspec.app.training.Backend in PyTorch; `precision` 'fp64' is for the parity tests."""
 
-    def __init__(self, cfg: ViTConfig, params: Mapping[str, np.ndarray], recipe: Recipe, stats: ChannelStats,
+    def __init__(self, cfg: ViTConfig, params: Mapping[str, np.ndarray], recipe: Recipe, normalization: np.ndarray,
                  precision: str, seed: int, device: str | None = None):
         self.cfg, self.recipe, self.seed = cfg, recipe, seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,7 +72,7 @@ class TorchBackend:
         self.step = 0
         self.set_moments({k: torch.zeros_like(p) for k, p in self.params.items()},
                          {k: torch.zeros_like(p) for k, p in self.params.items()})
-        self.table = torch.from_numpy(training.normalization_table(stats)).to(self.device)
+        self.table = torch.from_numpy(normalization).to(self.device)
         self.channels = torch.arange(cfg.in_channels, device=self.device)
 
     def normalize(self, images: np.ndarray) -> torch.Tensor:
@@ -150,16 +148,16 @@ class TorchBackend:
         self.set_moments(*moments)
 
 
-def create_backend(cfg: ViTConfig, params, recipe: Recipe, stats: ChannelStats, precision: str,
+def create_backend(cfg: ViTConfig, params, recipe: Recipe, normalization: np.ndarray, precision: str,
                    seed: int) -> TorchBackend:
-    return TorchBackend(cfg, params, recipe, stats, precision, seed)
+    return TorchBackend(cfg, params, recipe, normalization, precision, seed)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    return training.main(argv, prog="python -m backends.torch_vit.train", backend_name="torch",
-                         create_backend=create_backend,
-                         default_precision="bf16" if torch.cuda.is_available() else "fp32")
+def default_precision() -> str:
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here
+    from vitspec.app.training.cli import main
+
+    main(backend="torch", prog="python -m backends.torch_vit.train")

@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vitspec.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, load, save
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision, hf, timm, vit_jax
 from vitspec.formats.base import CONFIG_FIELDS, Format, check_flags
+from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, load, save
 from vitspec.formats.files import TORCH_SUFFIXES, read_tensors, write_tensors
 from vitspec.formats.table import FormatError
 from vitspec.params import validate_params

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitspec.checkpoint import CheckpointError, atomic_write, read_safetensors, write_safetensors
+from vitspec.formats.checkpoint import CheckpointError, atomic_write, read_safetensors, write_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", ".npz", ".msgpack") + TORCH_SUFFIXES

@@ -5,12 +5,12 @@ Generator seeded by (seed, epoch), and each batch's augmentation from one seeded
 (seed, epoch, step). So a run resumed from a saved `LoaderState` continues with exactly the
 batches it would have seen, without replaying earlier steps, and the PyTorch and JAX trainers
 are fed bit-identical uint8 batches. Normalization to float happens on the device
-(`vitspec.datasets.normalize` is the reference).
+(`vitspec.app.datasets.normalize` is the reference).
 
 Training batches have a fixed size (the last partial batch of an epoch is dropped); evaluation
 visits every example in order, the last batch smaller.
 
-`python -m vitspec.pipeline` measures the augmented-batch throughput on this machine.
+`python -m vitspec.app.pipeline` measures the augmented-batch throughput on this machine.
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def measure_throughput(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m vitspec.pipeline", description="measure pipeline throughput"
+        prog="python -m vitspec.app.pipeline", description="measure pipeline throughput"
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)

@@ -1,7 +1,7 @@
-"""`python -m vitspec.convert SRC DST`: convert a ViT checkpoint between layouts, exactly or not at all.
+"""`vitspec convert SRC DST`: convert a ViT checkpoint between layouts, exactly or not at all.
 
-    python -m vitspec.convert vit.npz vit.pt                  # big_vision -> timm state dict
-    python -m vitspec.convert model.pt model.npz --to flax --image-size 384 --check
+    vitspec convert vit.npz vit.pt                  # big_vision -> timm state dict
+    vitspec convert model.pt model.npz --to flax --image-size 384 --check
 
 Formats: ref (vitspec's own .safetensors/.npz), torch (timm), flax (big_vision), vit_jax
 (google-research/vision_transformer), hf (transformers ViT). The source format is detected from
@@ -24,7 +24,6 @@ from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
-from vitspec.checkpoint import CheckpointError
 from vitspec.config import GELUS, POOLS, POSEMBS, ViTConfig
 from vitspec.formats import (
     EXTERNAL,
@@ -37,6 +36,7 @@ from vitspec.formats import (
     save_any,
 )
 from vitspec.formats.base import CONFIG_FIELDS
+from vitspec.formats.checkpoint import CheckpointError
 from vitspec.formats.files import read_tensors
 from vitspec.formats.table import FormatError
 from vitspec.params import ParamTreeError, num_params
@@ -234,10 +234,10 @@ def _size(text: str) -> Size:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "vitspec convert") -> argparse.ArgumentParser:
     formats = "\n".join([f"  {REFERENCE:8} vitspec reference tree with its config (.safetensors, .npz)"]
                          + [f"  {name:8} {layout.description}" for name, layout in EXTERNAL.items()])
-    parser = argparse.ArgumentParser(prog="python -m vitspec.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      epilog=f"formats:\n{formats}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src")
@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "vitspec convert") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         convert(args.src, args.dst, from_fmt=args.from_fmt, to_fmt=args.to_fmt, image_size=args.image_size,
                 source_image_size=args.source_image_size, check=args.check, overwrite=args.overwrite,
@@ -269,6 +269,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`vitspec COMMAND ...` (also `python -m vitspec COMMAND ...`): every command of the project.
+
+Each command is a module's `main(argv, prog)`, imported only when it runs, so `vitspec convert`
+does not load a deep learning framework it does not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# command -> (module, function, one line of help)
+COMMANDS = {
+    "train": ("vitspec.app.training.cli", "main", "train a model with --backend torch or flax"),
+    "evaluate": ("vitspec.app.evaluate", "main", "test accuracy of a checkpoint with numpy, torch or flax"),
+    "convert": ("vitspec.app.convert", "main", "convert a checkpoint between the ecosystems' layouts"),
+    "download": ("vitspec.app.cli", "download_main", "fetch and verify a dataset's official files"),
+    "summary": ("vitspec.app.inspect_model", "summary_main", "parameter table of a variant or preset"),
+    "gradcheck": ("vitspec.app.inspect_model", "gradcheck_main", "the reference's gradients vs finite differences"),
+}
+
+
+def download_main(argv: Sequence[str] | None = None, prog: str = "vitspec download") -> int:
+    from vitspec.app import datasets
+
+    parser = argparse.ArgumentParser(prog=prog, description="Fetch a dataset's official files, checking their MD5s.")
+    parser.add_argument("name", choices=datasets.DATASET_NAMES)
+    parser.add_argument("--data-dir", type=Path, default=None, help="where (default: $VITSPEC_DATA_DIR or ./data)")
+    args = parser.parse_args(argv)
+    try:
+        paths = datasets.download(args.name, args.data_dir)
+    except datasets.DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:10} {help_text}" for name, (_, _, help_text) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="vitspec", description="A Vision Transformer defined once and proven identical in NumPy, PyTorch, JAX.",
+        epilog=f"commands:\n{commands}\n\n`vitspec COMMAND --help` for a command's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, function, _ = COMMANDS[args.command]
+    result = getattr(importlib.import_module(module), function)(args.args, prog=f"vitspec {args.command}")
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,70 @@
+"""What a framework provides to training: the `Backend` protocol, and the two backends by name.
+
+A backend (PyTorch or Flax) implements one optimizer step on a uint8 batch, logits for
+evaluation, and its state as NumPy trees under reference names; everything that decides the
+trajectory (batches, learning rate of every step, what a checkpoint holds) is the library's.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from vitspec.app import datasets
+from vitspec.config import ViTConfig
+from vitspec.recipe import Recipe
+
+BACKENDS = ("torch", "flax")
+
+
+class Backend(Protocol):
+    """One framework's side of training. Images are uint8 NHWC exactly as the pipeline yields
+    them; the backend normalizes them on its device by looking them up in `normalization_table`."""
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[Any, Any]:
+        """One recipe update at learning rate `lr`: (mean loss, number of correct top-1
+        predictions), each anything `float()` accepts (device scalars are read lazily)."""
+
+    def eval_logits(self, images: np.ndarray) -> np.ndarray:
+        """Eval-mode logits [N, K] as float32 NumPy."""
+
+    def reference_params(self) -> dict[str, np.ndarray]:
+        """The parameters as a reference tree (vitspec names and layouts)."""
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """'step' and the AdamW moments as 'mu/<reference name>', 'nu/<reference name>'."""
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what `optimizer_state` returned."""
+
+
+# create(cfg, reference params, recipe, normalization table [256, C], precision, seed) -> Backend
+BackendFactory = Callable[[ViTConfig, dict, Recipe, np.ndarray, str, int], Backend]
+
+
+class BackendModule(Protocol):
+    create_backend: BackendFactory
+
+    def default_precision(self) -> str: ...
+
+
+def backend_module(name: str) -> BackendModule:
+    """`backends.<name>_vit.train`, imported when asked for (each needs its framework installed)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return importlib.import_module(f"backends.{name}_vit.train")
+
+
+def normalization_table(stats: datasets.ChannelStats) -> np.ndarray:
+    """float32 [256, C]: `datasets.normalize` of every uint8 value in every channel.
+
+    Backends normalize on the device by looking pixels up here (table[pixel, channel]) rather than
+    redoing the arithmetic: XLA's CPU float32 division is not correctly rounded (measured up to
+    2.4e-7 off NumPy's), and a lookup is the reference's numbers by construction.
+    """
+    levels = np.arange(256, dtype=np.uint8)[:, None, None, None]
+    channels = np.broadcast_to(levels, (256, 1, 1, len(stats.mean)))
+    return datasets.normalize(np.ascontiguousarray(channels), stats.mean, stats.std).reshape(256, -1)
