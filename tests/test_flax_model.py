@@ -17,7 +17,7 @@ import pytest
 
 import vitspec
 from backends.flax_vit import VisionTransformer, from_reference, make_loss_and_grad, model, to_reference
-from backends.flax_vit.model import MultiHeadDotProductAttention, drop_path_rates
+from backends.flax_vit.model import MultiHeadDotProductAttention
 from parity_tests.strategies import random_images, random_params
 
 DRAWS = 2000
@@ -115,8 +115,8 @@ def test_attention_dropout_preserves_expectation():
 
 def test_stochastic_depth_drops_whole_samples_linearly_over_depth():
     cfg = BASE.replace(depth=3, stochastic_depth=0.4, layer_scale=None)
-    assert drop_path_rates(cfg) == pytest.approx([0.0, 0.2, 0.4])
-    assert drop_path_rates(cfg.replace(depth=1)) == [0.0]
+    assert cfg.drop_path_rates == pytest.approx([0.0, 0.2, 0.4])
+    assert cfg.replace(depth=1).drop_path_rates == (0.0,)
     rate = 0.2  # block 1's
     # Zero block 1's MLP output so its update is the attention branch alone: kept (and scaled by
     # 1 / (1 - rate)) or dropped, per sample.

@@ -59,3 +59,22 @@ def test_bad_recipe_is_named():
         Recipe(warmup_steps=5, total_steps=3)
     with pytest.raises(ValueError, match="clip_norm=0"):
         Recipe(clip_norm=0)
+
+
+def test_adam_state_round_trips_through_its_checkpoint_arrays():
+    params = {"a/kernel": np.arange(6.0).reshape(2, 3), "a/bias": np.ones(3)}
+    state = AdamState(7, {k: v * 2 for k, v in params.items()}, {k: v * 3 for k, v in params.items()})
+    arrays = state.to_arrays()
+    assert sorted(arrays) == ["mu/a/bias", "mu/a/kernel", "nu/a/bias", "nu/a/kernel", "step"]
+    back = AdamState.from_arrays(arrays)
+    assert back.step == 7 and back.mu.keys() == state.mu.keys()
+    for k in params:
+        np.testing.assert_array_equal(back.mu[k], state.mu[k])
+        np.testing.assert_array_equal(back.nu[k], state.nu[k])
+
+
+def test_clip_scale_on_a_device_scalar_is_the_host_formula():
+    import torch
+
+    for norm in (0.5, 1.0, 4.0):
+        assert float(clip_scale(torch.tensor(norm, dtype=torch.float64), 1.0, torch.where)) == clip_scale(norm, 1.0)

@@ -75,3 +75,12 @@ def test_tolerance_table_matches_the_code():
     expected = {(dtype, kind): (f"rel {tol['rel']:g}" if "rel" in tol else f"k = {tol['k']:g}")
                 for dtype, kinds in TOLERANCES.items() for kind, tol in kinds.items()}
     assert documented == expected
+
+
+def test_stochastic_depth_rates_are_specs_formula():
+    # SPEC section 6 states the rate of block i as an expression; both backends take cfg.drop_path_rates.
+    formula = re.search(r"with rate `([^`]+)` for block `i`", SPEC.replace("\n", " ")).group(1)
+    for depth in (2, 3, 12):
+        cfg = vitspec.ViTConfig(depth=depth, stochastic_depth=0.3)
+        expected = [eval(formula, {"stochastic_depth": 0.3, "i": i, "depth": depth}) for i in range(depth)]
+        assert list(cfg.drop_path_rates) == expected

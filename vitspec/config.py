@@ -151,6 +151,13 @@ class ViTConfig:
         return self.grid_size[0] * self.grid_size[1]
 
     @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Stochastic depth per block (SPEC.md section 6): stochastic_depth * i / (depth - 1), 0 for one block."""
+        if self.depth == 1:
+            return (0.0,)
+        return tuple(self.stochastic_depth * i / (self.depth - 1) for i in range(self.depth))
+
+    @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.num_registers
 

@@ -64,11 +64,18 @@ def global_norm(grads: Mapping[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
 
 
-def clip_scale(norm: float, clip_norm: float | None) -> float:
-    """The factor every gradient is multiplied by: min(1, clip_norm / norm)."""
-    if clip_norm is None or norm <= clip_norm:
+def clip_scale(norm, clip_norm: float | None, where=None):
+    """The factor every gradient is multiplied by: min(1, clip_norm / norm) (optax's, not torch's
+    clip_grad_norm_, which divides by norm + 1e-6).
+
+    `norm` is a float, or a device scalar with `where` its framework's `where` (torch.where,
+    jnp.where): the backends compute the factor on the device, without a host sync.
+    """
+    if clip_norm is None:
         return 1.0
-    return clip_norm / norm
+    if where is None:
+        return 1.0 if norm <= clip_norm else clip_norm / norm
+    return where(norm <= clip_norm, 1.0, clip_norm / norm)
 
 
 @dataclasses.dataclass
@@ -80,6 +87,16 @@ class AdamState:
     @classmethod
     def zeros_like(cls, params: Mapping[str, np.ndarray]) -> AdamState:
         return cls(0, {k: np.zeros_like(v) for k, v in params.items()}, {k: np.zeros_like(v) for k, v in params.items()})
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """One flat tree, as checkpoints store it: 'step', 'mu/<reference name>', 'nu/<reference name>'."""
+        return {"step": np.asarray(self.step, dtype=np.int64), **{f"mu/{k}": v for k, v in self.mu.items()},
+                **{f"nu/{k}": v for k, v in self.nu.items()}}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> AdamState:
+        moments = {m: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{m}/")} for m in ("mu", "nu")}
+        return cls(int(arrays["step"]), moments["mu"], moments["nu"])
 
 
 def adamw_step(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], state: AdamState,

@@ -195,13 +195,19 @@ def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermedia
     if cfg.num_classes:
         x = dense(x, **tree["head"])
     out["logits"] = x
+    return select_outputs(out, intermediates, attention_maps)
+
+
+def is_attention_map(name: str) -> bool:
+    """Whether a named output is an attention map (attn_{i}, map_attn) rather than an intermediate."""
+    return name.startswith("attn_") or name == "map_attn"
+
+
+def select_outputs(out: dict, intermediates: bool, attention_maps: bool):
+    """The logits alone, or the named values asked for: intermediates and/or attention maps."""
     if not (intermediates or attention_maps):
-        return x
-    if not attention_maps:
-        out = {k: v for k, v in out.items() if not (k.startswith("attn_") or k == "map_attn")}
-    if not intermediates:
-        out = {k: v for k, v in out.items() if k.startswith("attn_") or k == "map_attn"}
-    return out
+        return out["logits"]
+    return {k: v for k, v in out.items() if (attention_maps if is_attention_map(k) else intermediates)}
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):

@@ -8,35 +8,27 @@ on tokens). Mismatches raise `vitspec.ParamTreeError` listing every problem.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from flax import traverse_util
 
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision
+from vitspec.formats.table import Rule
 
 
-class Entry(NamedTuple):
-    """One row of the big_vision table as this backend names it."""
-    reference: str
-    big_vision: str
-    shape: tuple[int, ...]  # in the big_vision tree
-
-
-def mapping(cfg: ViTConfig) -> list[Entry]:
-    """Every parameter of `cfg`: its reference name, big_vision path and big_vision shape."""
-    # Every big_vision row maps one reference array (no fused tensors), hence reference[0].
-    return [Entry(row.reference[0], row.native, row.native_shape) for row in big_vision.table(cfg)]
+def mapping(cfg: ViTConfig) -> list[Rule]:
+    """The big_vision table's rows for `cfg`: `.reference` (one name each: big_vision fuses nothing),
+    `.native` (the '/'-joined path in the module's tree), `.layout`, shapes on both sides."""
+    return big_vision.FORMAT.table(cfg)
 
 
 def to_reference(variables: dict, cfg: ViTConfig) -> dict[str, np.ndarray]:
     """Flax variables ({'params': tree}, or the tree itself) -> vitspec's flat NumPy parameters."""
     tree = variables["params"] if "params" in variables else variables
     flat = traverse_util.flatten_dict(dict(tree), sep="/")
-    return big_vision.to_reference({k: np.asarray(v) for k, v in flat.items()}, cfg)
+    return big_vision.FORMAT.to_reference({k: np.asarray(v) for k, v in flat.items()}, cfg)
 
 
 def from_reference(params: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str, dict]:
     """vitspec's flat parameters -> {'params': big_vision tree} of NumPy arrays (dtype kept)."""
-    return {"params": traverse_util.unflatten_dict(big_vision.from_reference(params, cfg), sep="/")}
+    return {"params": traverse_util.unflatten_dict(big_vision.FORMAT.from_reference(params, cfg), sep="/")}

@@ -41,7 +41,7 @@ from flax import linen as nn
 
 from backends.flax_vit.layer_norm import LayerNorm
 from vitspec.config import ViTConfig
-from vitspec.reference import posemb_sincos2d
+from vitspec.reference import posemb_sincos2d, select_outputs
 
 Dtype = Any
 
@@ -49,13 +49,6 @@ Dtype = Any
 xavier_uniform = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)
 mlp_bias_init = nn.initializers.normal(stddev=1e-6)
-
-
-def drop_path_rates(cfg: ViTConfig) -> list[float]:
-    """Stochastic depth per block, linear from 0 at the first block to the full rate at the last."""
-    if cfg.depth == 1:
-        return [0.0]
-    return [cfg.stochastic_depth * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> LayerNorm:
@@ -180,7 +173,7 @@ class Encoder(nn.Module):
         """[n, t, d] -> (encoded, [output of each block], [attention probabilities of each block])."""
         cfg = self.config
         outputs, probs = [], []
-        for i, rate in enumerate(drop_path_rates(cfg)):
+        for i, rate in enumerate(cfg.drop_path_rates):
             block = Encoder1DBlock(cfg, rate, self.dtype, self.param_dtype, name=f"encoderblock_{i}")
             x, p = block(x, deterministic=deterministic, return_probs=return_probs)
             outputs.append(x)
@@ -293,13 +286,3 @@ def pool_tokens(x, cfg: ViTConfig):  # [n, t, d] -> [n, d] ([n, t, d] for pool '
         return x
     raise AssertionError(f"pool {cfg.pool!r} is a module: MAPHead")
 
-
-def select_outputs(out: dict, intermediates: bool, attention_maps: bool):
-    """The logits alone, or the reference's dict: named intermediates and/or attention maps."""
-    if not (intermediates or attention_maps):
-        return out["logits"]
-    return {k: v for k, v in out.items() if (attention_maps if is_attention_map(k) else intermediates)}
-
-
-def is_attention_map(name: str) -> bool:
-    return name.startswith("attn_") or name == "map_attn"

@@ -26,7 +26,7 @@ from backends.flax_vit.convert import from_reference, mapping, to_reference
 from backends.flax_vit.loss import cross_entropy
 from backends.flax_vit.model import VisionTransformer
 from vitspec.config import ViTConfig
-from vitspec.recipe import Recipe, decays
+from vitspec.recipe import AdamState, Recipe, clip_scale, decays
 
 # precision -> (computation dtype, parameter dtype)
 DTYPES = {"fp64": (jnp.float64, jnp.float64), "fp32": (jnp.float32, jnp.float32),
@@ -35,7 +35,7 @@ DTYPES = {"fp64": (jnp.float64, jnp.float64), "fp32": (jnp.float32, jnp.float32)
 
 def decay_mask(cfg: ViTConfig) -> dict:
     """The big_vision tree of booleans: does the recipe decay this parameter (by its reference name)."""
-    flat = {tuple(entry.big_vision.split("/")): decays(entry.reference) for entry in mapping(cfg)}
+    flat = {tuple(rule.native.split("/")): decays(rule.reference[0]) for rule in mapping(cfg)}
     return traverse_util.unflatten_dict(flat)
 
 
@@ -93,16 +93,13 @@ class FlaxBackend:
         return to_reference(jax.device_get(self.params), self.cfg)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        moments = {f"mu/{k}": v for k, v in to_reference(jax.device_get(self.mu), self.cfg).items()}
-        moments |= {f"nu/{k}": v for k, v in to_reference(jax.device_get(self.nu), self.cfg).items()}
-        return {"step": np.asarray(self.step, dtype=np.int64), **moments}
+        mu, nu = (to_reference(jax.device_get(m), self.cfg) for m in (self.mu, self.nu))
+        return AdamState(self.step, mu, nu).to_arrays()
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        self.step = int(state["step"])
-        for moment in ("mu", "nu"):
-            tree = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{moment}/")}
-            setattr(self, moment, as_tree(tree, self.cfg, self.params_dtype))
-
+        adam = AdamState.from_arrays(state)
+        self.step = adam.step
+        self.mu, self.nu = (as_tree(m, self.cfg, self.params_dtype) for m in (adam.mu, adam.nu))
 
 def train_step(module: VisionTransformer, recipe: Recipe, decay: dict, params, mu, nu, images, labels,
                table, hyper: dict, dropout_key):
@@ -115,9 +112,7 @@ def train_step(module: VisionTransformer, recipe: Recipe, decay: dict, params, m
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-    scale = jnp.ones_like(norm)
-    if recipe.clip_norm is not None:
-        scale = jnp.where(norm <= recipe.clip_norm, scale, recipe.clip_norm / norm)
+    scale = clip_scale(norm, recipe.clip_norm, jnp.where)
 
     def update(p, g, m, v, decayed: bool):
         g = g * scale
@@ -134,11 +129,6 @@ def train_step(module: VisionTransformer, recipe: Recipe, decay: dict, params, m
         for i in range(3))
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return new_params, new_mu, new_nu, loss, correct
-
-
-def create_backend(cfg: ViTConfig, params, recipe: Recipe, normalization: np.ndarray, precision: str,
-                   seed: int) -> FlaxBackend:
-    return FlaxBackend(cfg, params, recipe, normalization, precision, seed)
 
 
 def default_precision() -> str:

@@ -48,7 +48,7 @@ from torch import nn
 from backends.torch_vit.convert import from_reference
 from vitspec.config import ViTConfig
 from vitspec.params import init_params
-from vitspec.reference import posemb_sincos2d
+from vitspec.reference import posemb_sincos2d, select_outputs
 
 GELU_APPROXIMATIONS = {"exact": "none", "tanh": "tanh"}
 
@@ -219,10 +219,6 @@ class PatchEmbed(nn.Module):
         return F.linear(patches.reshape(n, -1, ph * pw * c), kernel.reshape(kernel.shape[0], -1), self.proj.bias)
 
 
-def is_attention_map(name: str) -> bool:
-    return name.startswith("attn_") or name == "map_attn"
-
-
 def fixed_posemb(cfg: ViTConfig) -> torch.Tensor | None:
     """The sincos2d table [1, patches, width] in float64 (cast where added), or None."""
     if cfg.posemb != "sincos2d":
@@ -252,8 +248,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.posemb_length, width)) if learned else None
         self.register_buffer("pos_embed_sincos", fixed_posemb(cfg), persistent=False)
         self.pos_drop = nn.Dropout(cfg.dropout)
-        drop_path_rates = torch.linspace(0.0, cfg.stochastic_depth, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in drop_path_rates)
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in cfg.drop_path_rates)
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(width, eps=cfg.ln_eps)
         self.attn_pool = AttentionPoolLatent(cfg) if cfg.pool == "map" else None
         self.fc_norm = nn.LayerNorm(width, eps=cfg.ln_eps) if cfg.fc_norm else nn.Identity()
@@ -275,9 +270,7 @@ class VisionTransformer(nn.Module):
         x = named["pooled"] = self.fc_norm(self._pool(x, attention_maps, named))
         x = named["pre_logits"] = self.pre_logits(x)
         x = named["logits"] = self.head(x)
-        if not (intermediates or attention_maps):
-            return x
-        return named if intermediates else {k: v for k, v in named.items() if is_attention_map(k)}
+        return select_outputs(named, intermediates, attention_maps)
 
     def _add_tokens_and_posemb(self, patches):  # [n, patches, d] -> [n, tokens, d]
         n = patches.shape[0]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from backends.torch_vit.convert import from_reference, mapping_table, to_reference
 from backends.torch_vit.model import VisionTransformer
 from vitspec.config import ViTConfig
-from vitspec.recipe import Recipe, decays
+from vitspec.recipe import AdamState, Recipe, clip_scale, decays
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.float32}  # bf16: fp32 params, autocast
 
@@ -31,10 +31,10 @@ def decay_mask(cfg: ViTConfig) -> dict[str, bool]:
     """timm name -> whether the recipe decays it; a fused tensor's reference names must agree."""
     mask = {}
     for rule in mapping_table(cfg):
-        flags = {decays(name) for name in rule.reference_names}
+        flags = {decays(name) for name in rule.reference}
         if len(flags) != 1:
-            raise ValueError(f"{rule.timm_name} fuses decayed and undecayed parameters: {rule.reference_names}")
-        mask[rule.timm_name] = flags.pop()
+            raise ValueError(f"{rule.native} fuses decayed and undecayed parameters: {rule.reference}")
+        mask[rule.native] = flags.pop()
     return mask
 
 
@@ -102,9 +102,9 @@ class TorchBackend:
         """vitspec.recipe.adamw_step on device: the clip factor without a host sync, then AdamW."""
         recipe = self.recipe
         self.step += 1
-        norm = torch.sqrt(sum(torch.sum(g * g) for g in grads.values()))
         if recipe.clip_norm is not None:
-            scale = torch.where(norm <= recipe.clip_norm, 1.0, recipe.clip_norm / norm)
+            norm = torch.sqrt(sum(torch.sum(g * g) for g in grads.values()))
+            scale = clip_scale(norm, recipe.clip_norm, torch.where)
             for g in grads.values():
                 g.mul_(scale)
         for name, p in self.params.items():
@@ -135,23 +135,14 @@ class TorchBackend:
             self.optimizer.state[p] = {"step": step, "exp_avg": mu[name], "exp_avg_sq": nu[name]}
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        moments = {f"mu/{k}": v for k, v in to_reference(self.moments("exp_avg"), self.cfg).items()}
-        moments |= {f"nu/{k}": v for k, v in to_reference(self.moments("exp_avg_sq"), self.cfg).items()}
-        return {"step": np.asarray(self.step, dtype=np.int64), **moments}
+        mu, nu = (to_reference(self.moments(key), self.cfg) for key in ("exp_avg", "exp_avg_sq"))
+        return AdamState(self.step, mu, nu).to_arrays()
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        self.step = int(state["step"])
-        moments = []
-        for moment in ("mu", "nu"):
-            tree = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{moment}/")}
-            moments.append({k: t.to(self.device, self.dtype) for k, t in from_reference(tree, self.cfg).items()})
-        self.set_moments(*moments)
-
-
-def create_backend(cfg: ViTConfig, params, recipe: Recipe, normalization: np.ndarray, precision: str,
-                   seed: int) -> TorchBackend:
-    return TorchBackend(cfg, params, recipe, normalization, precision, seed)
-
+        adam = AdamState.from_arrays(state)
+        self.step = adam.step
+        self.set_moments(*({k: t.to(self.device, self.dtype) for k, t in from_reference(m, self.cfg).items()}
+                           for m in (adam.mu, adam.nu)))
 
 def default_precision() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"

@@ -35,7 +35,7 @@ from vitspec.formats import (
     resolve_format,
     save_any,
 )
-from vitspec.formats.base import CONFIG_FIELDS
+from vitspec.formats.base import READING_FLAGS
 from vitspec.formats.checkpoint import CheckpointError
 from vitspec.formats.files import read_tensors
 from vitspec.formats.table import FormatError
@@ -44,9 +44,6 @@ from vitspec.posemb import resample_posemb
 from vitspec.reference import forward
 
 CHECK_BATCH = 2
-_CLI_FLAGS = {"heads": "--heads", "gelu": "--gelu", "ln_eps": "--ln-eps", "posemb": "--posemb",
-              "pool": "--pool", "image_size": "--source-image-size"}
-
 
 Size = int | tuple[int, int]
 
@@ -133,8 +130,7 @@ def run_target(dst: Path, fmt: str, cfg: ViTConfig, images: np.ndarray) -> tuple
 
 def reading_flags(cfg: ViTConfig) -> dict[str, Any]:
     """Flags that make reading a written file back give exactly `cfg`."""
-    return dict(heads=cfg.num_heads, gelu=cfg.gelu, ln_eps=cfg.ln_eps, posemb=cfg.posemb, pool=cfg.pool,
-                image_size=cfg.image_size)
+    return {flag.keyword: getattr(cfg, flag.field) for flag in READING_FLAGS}
 
 
 def _run_torch(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
@@ -209,14 +205,15 @@ def flags_needed_to_read_back(fmt: str, cfg: ViTConfig) -> dict[str, str]:
     shapes = {r.native: np.broadcast_to(np.float32(0), r.native_shape) for r in layout.table(cfg)}
     full = reading_flags(cfg)
     needed = {}
-    for flag, value in full.items():
+    for flag in READING_FLAGS:
         try:
-            inferred = layout.infer_config(shapes, **{k: v for k, v in full.items() if k != flag})
-            same = getattr(inferred, CONFIG_FIELDS[flag]) == getattr(cfg, CONFIG_FIELDS[flag])
+            inferred = layout.infer_config(shapes, **{k: v for k, v in full.items() if k != flag.keyword})
+            same = getattr(inferred, flag.field) == getattr(cfg, flag.field)
         except FormatError:
             same = False
         if not same:
-            needed[_CLI_FLAGS[flag]] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            value = full[flag.keyword]
+            needed[flag.cli] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
     return needed
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 import vitspec
 from vitspec.app import datasets
-from vitspec.app.training.backend import backend_module, normalization_table
+from vitspec.app.training.backend import create_backend, normalization_table
 from vitspec.app.training.config import DATASETS, PRECISIONS
 from vitspec.app.training.evaluation import Evaluation, evaluate
 from vitspec.app.training.state import write_json
@@ -42,8 +42,7 @@ def predictor(backend: str, cfg: ViTConfig, params: dict, stats: datasets.Channe
         return numpy_predictor(cfg, params, stats)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    module = backend_module(backend)
-    return module.create_backend(cfg, params, Recipe(), normalization_table(stats), precision, 0).eval_logits
+    return create_backend(backend, cfg, params, Recipe(), normalization_table(stats), precision, 0).eval_logits
 
 
 def format_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> str:

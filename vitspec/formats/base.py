@@ -19,10 +19,20 @@ import numpy as np
 from vitspec.config import VIT_SIZES, ViTConfig
 from vitspec.formats.table import FormatError, Rule, native_from_reference, reference_from_native, refuse
 
-# What a file may not show, as flags, and the config field each one sets (image_size: the source's).
-CONFIG_FIELDS = {"heads": "num_heads", "gelu": "gelu", "ln_eps": "ln_eps", "posemb": "posemb", "pool": "pool",
-                 "image_size": "image_size"}
-CONFIG_FLAGS = tuple(CONFIG_FIELDS)
+
+class ReadingFlag(NamedTuple):
+    """Something a file may not show, given when reading it: keyword, config field, command-line flag."""
+    keyword: str  # of load_any / infer_config
+    field: str  # the ViTConfig field it settles (image_size: the source's)
+    cli: str
+
+
+READING_FLAGS = (
+    ReadingFlag("heads", "num_heads", "--heads"), ReadingFlag("gelu", "gelu", "--gelu"),
+    ReadingFlag("ln_eps", "ln_eps", "--ln-eps"), ReadingFlag("posemb", "posemb", "--posemb"),
+    ReadingFlag("pool", "pool", "--pool"), ReadingFlag("image_size", "image_size", "--source-image-size"),
+)
+CONFIG_FIELDS = {flag.keyword: flag.field for flag in READING_FLAGS}
 # LayerScale's init value is not stored; any value computes the same function from the stored gammas.
 LAYER_SCALE_PLACEHOLDER = 1.0
 # The image size every ecosystem's ViT defaults to, for checkpoints without a position embedding.
@@ -89,9 +99,9 @@ class Format:
 
 
 def check_flags(flags: Mapping[str, Any]) -> None:
-    unknown = sorted(set(flags) - set(CONFIG_FLAGS))
+    unknown = sorted(set(flags) - set(CONFIG_FIELDS))
     if unknown:
-        raise FormatError(f"unknown config flag(s) {unknown}; known: {list(CONFIG_FLAGS)}")
+        raise FormatError(f"unknown config flag(s) {unknown}; known: {list(CONFIG_FIELDS)}")
 
 
 def require(native: Mapping[str, np.ndarray], key: str, fmt: str) -> np.ndarray:

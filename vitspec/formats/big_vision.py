@@ -123,8 +123,3 @@ FORMAT = Format(
     convention=Convention("big_vision", gelu="tanh", ln_eps=1e-6, posemb_absent="sincos2d",
                           posemb_on_cls=False),
     build_table=_table, cannot_express=_cannot_express, read_facts=_facts, suffixes=(".npz", ".msgpack"))
-
-table = FORMAT.table
-to_reference = FORMAT.to_reference
-from_reference = FORMAT.from_reference
-infer_config = FORMAT.infer_config

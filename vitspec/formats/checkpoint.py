@@ -143,14 +143,13 @@ def save(path: str | os.PathLike, cfg: ViTConfig, params: dict[str, np.ndarray])
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
 
 
-def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (no pickles), or a CheckpointError naming the file."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            return {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    config = arrays.pop(NPZ_CONFIG_KEY, None)
-    return arrays, None if config is None else config.tobytes().decode()
 
 
 def load(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, np.ndarray]]:
@@ -162,12 +161,14 @@ def load(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, np.ndarray]]:
         params, metadata = read_safetensors(path)
         config_json = metadata.get(CONFIG_KEY)
     elif path.suffix == ".npz":
-        params, config_json = _read_npz(path)
+        params = read_npz(path)
+        config = params.pop(NPZ_CONFIG_KEY, None)
+        config_json = None if config is None else config.tobytes().decode()
     else:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
     if config_json is None:
         raise CheckpointError(f"{path}: no vitspec config in the file; it is not a vitspec reference checkpoint "
-                              "(convert foreign checkpoints with `python -m vitspec.convert`)")
+                              "(convert foreign checkpoints with `vitspec convert`)")
     try:
         cfg = ViTConfig.from_json(config_json)
     except (ValueError, TypeError) as e:

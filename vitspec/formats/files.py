@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vitspec.formats.checkpoint import CheckpointError, atomic_write, read_safetensors, write_safetensors
+from vitspec.formats.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    read_npz,
+    read_safetensors,
+    write_safetensors,
+)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", ".npz", ".msgpack") + TORCH_SUFFIXES
@@ -31,7 +37,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
     if suffix == ".safetensors":
         arrays, metadata = read_safetensors(path)
     elif suffix == ".npz":
-        arrays, metadata = _read_npz(path), {}
+        arrays, metadata = read_npz(path), {}
     elif suffix in TORCH_SUFFIXES:
         arrays, metadata = _read_torch(path), {}
     elif suffix == ".msgpack":
@@ -62,14 +68,6 @@ def write_tensors(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         raise CheckpointError(f"{path}: unknown suffix {path.suffix!r}; known: {list(SUFFIXES)}")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-
-
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
     import pickle
 
@@ -90,14 +88,16 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     if foreign:
         raise CheckpointError(f"{path}: entries that are not tensors: {foreign}; not a plain state dict "
                               f"(wrappers understood: {list(_STATE_DICT_WRAPPERS)})")
-    return {k: _tensor_to_numpy(v) for k, v in obj.items()}
+    return {k: tensor_to_numpy(v) for k, v in obj.items()}
 
 
-def _tensor_to_numpy(tensor) -> np.ndarray:
+def tensor_to_numpy(tensor) -> np.ndarray:
+    """A torch tensor as a NumPy array of its own memory; bfloat16 and float16 widened to float32,
+    which holds them exactly (NumPy has no bfloat16)."""
     import torch
 
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+    tensor = torch.as_tensor(tensor).detach().cpu()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
         tensor = tensor.float()
     return tensor.numpy().copy()
 

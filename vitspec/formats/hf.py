@@ -148,8 +148,3 @@ def _format(name: str, writes: Naming, description: str) -> Format:
 
 FORMAT = _format(NAME, TRANSFORMERS_5, "Hugging Face ViTModel / ViTForImageClassification (transformers >= 5 names)")
 FORMAT_4X = _format(NAME_4X, TRANSFORMERS_4, "Hugging Face ViTModel / ViTForImageClassification (transformers 4.x names)")
-
-table = FORMAT.table
-to_reference = FORMAT.to_reference
-from_reference = FORMAT.from_reference
-infer_config = FORMAT.infer_config

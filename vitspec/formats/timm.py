@@ -101,8 +101,3 @@ FORMAT = Format(
     convention=Convention("timm", gelu="exact", ln_eps=1e-6, posemb_absent="none", posemb_on_cls=True),
     build_table=_table, cannot_express=_cannot_express, read_facts=_facts,
     suffixes=(".pt", ".pth", ".bin", ".safetensors"))
-
-table = FORMAT.table
-to_reference = FORMAT.to_reference
-from_reference = FORMAT.from_reference
-infer_config = FORMAT.infer_config

@@ -72,8 +72,3 @@ FORMAT = Format(
     convention=Convention("vision_transformer", gelu="tanh", ln_eps=1e-6, posemb_absent="learned",
                           posemb_on_cls=True),
     build_table=_table, cannot_express=_cannot_express, read_facts=_facts, suffixes=(".npz",))
-
-table = FORMAT.table
-to_reference = FORMAT.to_reference
-from_reference = FORMAT.from_reference
-infer_config = FORMAT.infer_config

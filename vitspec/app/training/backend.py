@@ -8,7 +8,7 @@ trajectory (batches, learning rate of every step, what a checkpoint holds) is th
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,21 +41,29 @@ class Backend(Protocol):
         """Restore what `optimizer_state` returned."""
 
 
-# create(cfg, reference params, recipe, normalization table [256, C], precision, seed) -> Backend
-BackendFactory = Callable[[ViTConfig, dict, Recipe, np.ndarray, str, int], Backend]
+# The backends: the module of each framework's training step and its Backend class, which is
+# created as Class(cfg, reference params, recipe, normalization table [256, C], precision, seed).
+BACKEND_CLASSES = {"torch": ("backends.torch_vit.train", "TorchBackend"),
+                   "flax": ("backends.flax_vit.train", "FlaxBackend")}
 
 
-class BackendModule(Protocol):
-    create_backend: BackendFactory
-
-    def default_precision(self) -> str: ...
-
-
-def backend_module(name: str) -> BackendModule:
+def backend_module(name: str):
     """`backends.<name>_vit.train`, imported when asked for (each needs its framework installed)."""
-    if name not in BACKENDS:
+    if name not in BACKEND_CLASSES:
         raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    return importlib.import_module(f"backends.{name}_vit.train")
+    return importlib.import_module(BACKEND_CLASSES[name][0])
+
+
+def create_backend(name: str, cfg: ViTConfig, params: dict, recipe: Recipe, normalization: np.ndarray,
+                   precision: str, seed: int) -> Backend:
+    """Backend `name` ('torch' or 'flax') at `params`."""
+    cls = getattr(backend_module(name), BACKEND_CLASSES[name][1])
+    return cls(cfg, params, recipe, normalization, precision, seed)
+
+
+def default_precision(name: str) -> str:
+    """bf16 where the backend's framework sees an accelerator, else fp32."""
+    return backend_module(name).default_precision()
 
 
 def normalization_table(stats: datasets.ChannelStats) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 import vitspec
 from vitspec.app import datasets, pipeline
-from vitspec.app.training.backend import Backend, BackendModule, backend_module, normalization_table
+from vitspec.app.training.backend import Backend, create_backend, default_precision, normalization_table
 from vitspec.app.training.config import TrainConfig
 from vitspec.app.training.evaluation import evaluate
 from vitspec.app.training.progress import ProgressLine
@@ -55,12 +55,11 @@ class Run:
     recipe: Recipe
     steps_per_epoch: int
     augmentation: pipeline.Augmentation
-    module: BackendModule
     normalization: np.ndarray
 
     def create_backend(self, params: dict[str, np.ndarray]) -> Backend:
-        return self.module.create_backend(self.cfg, params, self.recipe, self.normalization,
-                                          self.config.precision, self.config.seed)
+        return create_backend(self.backend_name, self.cfg, params, self.recipe, self.normalization,
+                              self.config.precision, self.config.seed)
 
 
 def model_config(config: TrainConfig, dataset: datasets.Dataset) -> ViTConfig:
@@ -90,8 +89,7 @@ def make_recipe(config: TrainConfig, steps_per_epoch: int) -> Recipe:
 
 def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
     """Load the data, build the model config and recipe, resolve the precision for `backend`."""
-    module = backend_module(backend)
-    config = config.replace(precision=config.precision or module.default_precision())
+    config = config.replace(precision=config.precision or default_precision(backend))
     dataset = datasets.load(config.dataset_name, config.data_dir, validation_size=config.validation_size,
                             download_missing=config.download)
     cfg = model_config(config, dataset)
@@ -100,7 +98,7 @@ def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
         raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
     return Run(config=config, backend_name=backend, workdir=Path(workdir), dataset=dataset, cfg=cfg,
                recipe=make_recipe(config, steps_per_epoch), steps_per_epoch=steps_per_epoch,
-               augmentation=pipeline.DEFAULT_AUGMENTATION[config.dataset_name], module=module,
+               augmentation=pipeline.DEFAULT_AUGMENTATION[config.dataset_name],
                normalization=normalization_table(dataset.stats))
 
 
