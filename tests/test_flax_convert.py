@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import jax
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 from hypothesis import given
 from hypothesis import strategies as st
@@ -140,9 +142,10 @@ def flat_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
 
 
 def init_shapes(cfg: vitspec.ViTConfig) -> dict[str, tuple[int, ...]]:
-    """The tree `VisionTransformer.init` creates, traced without running."""
+    """The tree the module's own parameter declarations create (linen's `Module.init`, which
+    `VisionTransformer.init` replaces with the reference init), traced without running."""
     images = np.zeros((1, *cfg.image_size, cfg.in_channels), np.float32)
-    variables = jax.eval_shape(VisionTransformer(cfg).init, jax.random.key(0), images)
+    variables = jax.eval_shape(partial(nn.Module.init, VisionTransformer(cfg)), jax.random.key(0), images)
     return flat_shapes(variables["params"])
 
 

@@ -94,7 +94,10 @@ def test_attention_dropout_preserves_expectation():
     rate = 0.3
     attention = MultiHeadDotProductAttention(num_heads=2, dropout=rate)
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
-    variables = jax.jit(attention.init)(jax.random.key(0), x, x)
+    # Random weights: the module's own initializers only give shapes (values come from the reference).
+    shapes = jax.eval_shape(attention.init, jax.random.key(0), x, x)
+    weights = np.random.default_rng(1)
+    variables = jax.tree.map(lambda s: (0.5 * weights.standard_normal(s.shape)).astype(np.float32), shapes)
 
     def attend(key):
         return attention.apply(variables, x, x, deterministic=False, rngs={"dropout": key})[0]
@@ -185,3 +188,18 @@ def test_bfloat16_computation_keeps_float32_parameters():
     assert {v.dtype for v in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
     named = jax.eval_shape(partial(module.apply, intermediates=True), variables, images)
     assert {v.dtype for v in named.values()} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_init_is_the_reference_init():
+    # The module's values come from vitspec.init_params, as the PyTorch backend's: no second scheme.
+    cfg = BASE.replace(pool="map", class_token=False, num_registers=2, qk_norm=True, representation_size=5)
+    images = np.zeros((1, *cfg.image_size, cfg.in_channels), np.float32)
+    variables = VisionTransformer(cfg).init(jax.random.key(7), images)
+    reference = vitspec.init_params(cfg, 7)
+    got = to_reference(variables, cfg)
+    assert got.keys() == reference.keys()
+    for name, value in reference.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    jitted = to_reference(jax.jit(VisionTransformer(cfg).init)(jax.random.key(7), images), cfg)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(jitted[name], value.astype(np.float32), err_msg=name)

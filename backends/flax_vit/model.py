@@ -37,18 +37,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
+from backends.flax_vit.convert import from_reference
 from backends.flax_vit.layer_norm import LayerNorm
 from vitspec.config import ViTConfig
+from vitspec.params import init_params, param_shapes
 from vitspec.reference import posemb_sincos2d, select_outputs
 
 Dtype = Any
 
-# vitspec's init scheme (see vitspec/params.py), which is big_vision's but for a 0.02 posemb std.
-xavier_uniform = nn.initializers.xavier_uniform()
-token_init = nn.initializers.normal(stddev=0.02)
-mlp_bias_init = nn.initializers.normal(stddev=1e-6)
+# Parameters get their values from vitspec.init_params (VisionTransformer.init), as the PyTorch
+# backend's do, so the two cannot drift from the reference's scheme; inside the modules an
+# initializer only gives each parameter its shape and dtype.
+shape_only = nn.initializers.zeros
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> LayerNorm:
@@ -62,8 +65,7 @@ class LayerScale(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        init = nn.initializers.constant(self.init_value)
-        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", shape_only, (x.shape[-1],), self.param_dtype)
         return x * jnp.asarray(scale, self.dtype or jnp.result_type(x, scale))
 
 
@@ -76,8 +78,7 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        dense = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": xavier_uniform,
-                 "bias_init": mlp_bias_init}
+        dense = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": shape_only}
         width = x.shape[-1]
         x = nn.Dense(self.mlp_dim, **dense)(x)
         # Spelled out: flax's nn.gelu defaults to the tanh approximation.
@@ -116,7 +117,7 @@ class MultiHeadDotProductAttention(nn.Module):
         """[n, tq, d], [n, t, d] -> ([n, tq, d], probabilities [n, heads, tq, t] or None)."""
         width = inputs_q.shape[-1]
         heads = (self.num_heads, width // self.num_heads)
-        project = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": xavier_uniform}
+        project = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": shape_only}
         q = nn.DenseGeneral(heads, use_bias=self.qkv_bias, name="query", **project)(inputs_q)
         k = nn.DenseGeneral(heads, use_bias=self.qkv_bias, name="key", **project)(inputs_kv)
         v = nn.DenseGeneral(heads, use_bias=self.qkv_bias, name="value", **project)(inputs_kv)
@@ -196,7 +197,7 @@ class MAPHead(nn.Module):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         n, _, d = x.shape
-        probe = self.param("probe", xavier_uniform, (1, 1, d), self.param_dtype)
+        probe = self.param("probe", shape_only, (1, 1, d), self.param_dtype)
         probe = jnp.broadcast_to(jnp.asarray(probe, x.dtype), (n, 1, d))
         # Always biased and without qk-norm, as big_vision's and timm's pooling heads.
         y, probs = MultiHeadDotProductAttention(cfg.num_heads, ln_eps=cfg.ln_eps, **kw)(
@@ -220,6 +221,25 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
+    def init(self, rngs, *args, **kwargs) -> dict:
+        """{'params': tree} at `vitspec.init_params(config, seed)` in `param_dtype`: the reference's
+        init scheme, the tree the PyTorch backend starts from for the same seed. The seed is the last
+        word of the key `rngs` (`jax.random.key(s)` gives seed s). The reference draws on the host
+        (a callback), so init runs under jit and eval_shape too; sample images are accepted, not needed."""
+        key = rngs["params"] if isinstance(rngs, dict) else rngs
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        cfg, dtype = self.config, jnp.dtype(self.param_dtype)
+        shapes = {name: np.broadcast_to(np.zeros((), dtype), shape) for name, shape in param_shapes(cfg).items()}
+        treedef = jax.tree.structure(from_reference(shapes, cfg))
+        leaves = [jax.ShapeDtypeStruct(np.shape(a), dtype) for a in jax.tree.leaves(from_reference(shapes, cfg))]
+
+        def reference_init(seed):
+            tree = from_reference(init_params(cfg, int(seed)), cfg)
+            return [np.asarray(a, dtype) for a in jax.tree.leaves(tree)]
+
+        return jax.tree.unflatten(treedef, jax.pure_callback(reference_init, leaves, jnp.ravel(key)[-1]))
+
     @nn.compact
     def __call__(self, images, *, train: bool = False, intermediates: bool = False,
                  attention_maps: bool = False):
@@ -242,17 +262,17 @@ class VisionTransformer(nn.Module):
             x = layer_norm(cfg.ln_eps, name="fc_norm", **kw)(x)
         out["pooled"] = x
         if cfg.representation_size:
-            x = jnp.tanh(nn.Dense(cfg.representation_size, name="pre_logits", **kw)(x))
+            x = jnp.tanh(nn.Dense(cfg.representation_size, name="pre_logits", kernel_init=shape_only, **kw)(x))
         out["pre_logits"] = x
         if cfg.num_classes:
-            x = nn.Dense(cfg.num_classes, name="head", kernel_init=nn.initializers.zeros, **kw)(x)
+            x = nn.Dense(cfg.num_classes, name="head", kernel_init=shape_only, **kw)(x)
         out["logits"] = x
         return select_outputs(out, intermediates, attention_maps)
 
     def _embed_patches(self, images):  # [n, h, w, c] -> [n, patches, d]
         cfg = self.config
         x = nn.Conv(cfg.width, cfg.patch_size, strides=cfg.patch_size, padding="VALID", name="embedding",
-                    dtype=self.dtype, param_dtype=self.param_dtype)(images)
+                    kernel_init=shape_only, dtype=self.dtype, param_dtype=self.param_dtype)(images)
         n, gh, gw, d = x.shape
         return x.reshape(n, gh * gw, d)
 
@@ -261,12 +281,12 @@ class VisionTransformer(nn.Module):
         n, _, d = x.shape
         prefix = []
         if cfg.class_token:
-            prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype))
+            prefix.append(self.param("cls", shape_only, (1, 1, d), self.param_dtype))
         if cfg.num_registers:
-            prefix.append(self.param("reg", token_init, (1, cfg.num_registers, d), self.param_dtype))
+            prefix.append(self.param("reg", shape_only, (1, cfg.num_registers, d), self.param_dtype))
         prefix = [jnp.broadcast_to(jnp.asarray(t, x.dtype), (n, t.shape[1], d)) for t in prefix]
         if cfg.posemb == "learned":
-            posemb = self.param("pos_embedding", token_init, (1, cfg.posemb_length, d), self.param_dtype)
+            posemb = self.param("pos_embedding", shape_only, (1, cfg.posemb_length, d), self.param_dtype)
             posemb = jnp.asarray(posemb, x.dtype)
             if cfg.posemb_on_cls:
                 return jnp.concatenate([*prefix, x], axis=1) + posemb
