@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("vitspec.app.training.cli", "main", "train a model with --backend torch or flax"),
     "evaluate": ("vitspec.app.evaluate", "main", "test accuracy of a checkpoint with numpy, torch or flax"),
     "convert": ("vitspec.app.convert", "main", "convert a checkpoint between the ecosystems' layouts"),
+    "attention": ("vitspec.app.attention", "main", "pictures of where a model looks: rollout and last-block heads"),
     "download": ("vitspec.app.cli", "download_main", "fetch and verify a dataset's official files"),
     "summary": ("vitspec.app.inspect_model", "summary_main", "parameter table of a variant or preset"),
     "gradcheck": ("vitspec.app.inspect_model", "gradcheck_main", "the reference's gradients vs finite differences"),
@@ -54,4 +55,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, function, _ = COMMANDS[args.command]
     result = getattr(importlib.import_module(module), function)(args.args, prog=f"vitspec {args.command}")
-    return result if isinstance(result, int) else 0
+    return result if isinstance(result, int) else 0  # commands that return results (train) succeeded
