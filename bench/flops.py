@@ -34,8 +34,6 @@ def forward_matmul_flops(cfg: ViTConfig) -> int:
     return patch_embed + cfg.depth * block + pre_logits + head
 
 
-
-
 def train_matmul_flops(cfg: ViTConfig) -> int:
     """One image's training step: forward plus backward, 3x the forward matmuls."""
     return 3 * forward_matmul_flops(cfg)
@@ -50,8 +48,13 @@ def sgemm_gflops(size: int, repeats: int) -> dict:
     numpy_rates = _matmul_rates(lambda: a @ b, size, repeats)
     torch_rates = _matmul_rates(lambda: ta @ tb, size, repeats)
     peak = max(np.median(numpy_rates), np.median(torch_rates))
-    return {"size": size, "repeats": repeats, "numpy_gflops": _summary(numpy_rates),
-            "torch_gflops": _summary(torch_rates), "peak_gflops": float(peak)}
+    return {
+        "size": size,
+        "repeats": repeats,
+        "numpy_gflops": _summary(numpy_rates),
+        "torch_gflops": _summary(torch_rates),
+        "peak_gflops": float(peak),
+    }
 
 
 def _matmul_rates(matmul, size: int, repeats: int) -> list[float]:

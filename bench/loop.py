@@ -40,27 +40,53 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def measure(backend_name: str, args: argparse.Namespace, training_flags: list[str]) -> dict:
-    flags = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size),
-             "--precision", "fp32", *training_flags] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+    flags = [
+        "--dataset",
+        args.dataset,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--precision",
+        "fp32",
+        *training_flags,
+    ] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     config = cli.config_of(cli.build_parser("bench.loop", backend_name).parse_args(flags))
     run = loop.setup(config, Path("runs/bench/loop"), backend_name)
     backend, state = loop.start(run, resume=False)
     train_set = run.dataset.train
-    stream = pipeline.train_batches(train_set.images, train_set.labels, args.batch_size, state.loader,
-                                    run.augmentation)
-    fixed = next(pipeline.train_batches(train_set.images, train_set.labels, args.batch_size,
-                                        pipeline.LoaderState(seed=1), run.augmentation))
+    stream = pipeline.train_batches(
+        train_set.images, train_set.labels, args.batch_size, state.loader, run.augmentation
+    )
+    fixed = next(
+        pipeline.train_batches(
+            train_set.images,
+            train_set.labels,
+            args.batch_size,
+            pipeline.LoaderState(seed=1),
+            run.augmentation,
+        )
+    )
     loop_rates, bare_rates = [], []
     with pipeline.Prefetcher(stream) as batches:
-        for round_index in range(args.rounds + 1):  # round 0 is warm-up (jit compiles, thread pools)
+        for _ in range(args.rounds + 1):  # round 0 is warm-up (jit compiles, thread pools)
             loop_rates.append(_loop_rate(run, backend, batches, state, args.steps))
             bare_rates.append(_bare_rate(backend, fixed, args.steps))
     loop_rates, bare_rates = loop_rates[1:], bare_rates[1:]
     ratios = np.asarray(loop_rates) / np.asarray(bare_rates)
-    return {"backend": backend_name, "model": args.model, "batch": args.batch_size, "steps_per_round": args.steps,
-            "loop_images_per_second": loop_rates, "bare_images_per_second": bare_rates,
-            "loop_over_bare": {"median": float(np.median(ratios)), "min": float(ratios.min()),
-                               "max": float(ratios.max())}}
+    return {
+        "backend": backend_name,
+        "model": args.model,
+        "batch": args.batch_size,
+        "steps_per_round": args.steps,
+        "loop_images_per_second": loop_rates,
+        "bare_images_per_second": bare_rates,
+        "loop_over_bare": {
+            "median": float(np.median(ratios)),
+            "min": float(ratios.min()),
+            "max": float(ratios.max()),
+        },
+    }
 
 
 def _loop_rate(run: loop.Run, backend, batches, state: RunState, steps: int) -> float:
@@ -83,14 +109,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     results = [measure(name, args, training_flags) for name in args.backends]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loop_results.json").write_text(json.dumps(results, indent=1))
-    print(f"| backend | model | batch | loop img/s (median) | bare step img/s (median) | loop / bare "
-          f"(median, min–max over {args.rounds} rounds of {args.steps} steps) |")
+    print(
+        f"| backend | model | batch | loop img/s (median) | bare step img/s (median) | loop / bare "
+        f"(median, min–max over {args.rounds} rounds of {args.steps} steps) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         ratio = r["loop_over_bare"]
-        print(f"| {r['backend']} | {r['model']} | {r['batch']} | {np.median(r['loop_images_per_second']):.1f} "
-              f"| {np.median(r['bare_images_per_second']):.1f} | {ratio['median']:.3f} "
-              f"({ratio['min']:.3f}–{ratio['max']:.3f}) |")
+        print(
+            f"| {r['backend']} | {r['model']} | {r['batch']} | {np.median(r['loop_images_per_second']):.1f} "
+            f"| {np.median(r['bare_images_per_second']):.1f} | {ratio['median']:.3f} "
+            f"({ratio['min']:.3f}–{ratio['max']:.3f}) |"
+        )
     return results
 
 

@@ -38,7 +38,11 @@ def versions() -> dict[str, str | None]:
 
 def describe() -> dict:
     thread_env = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "XLA_FLAGS")
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(), "versions": versions(),
-            "thread_env": {name: os.environ.get(name) for name in thread_env}}
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "thread_env": {name: os.environ.get(name) for name in thread_env},
+    }

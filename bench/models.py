@@ -23,12 +23,15 @@ class ModelSpec:
 
 
 # --quick: small enough that every implementation (and every jit compile) runs in seconds.
-TINY = vitspec.ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10)
+TINY = vitspec.ViTConfig(
+    image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10
+)
 
 # Fewer repeats for the 224 models: one B/16 training step at batch 8 takes seconds on 2 cores.
 FULL = {
-    "cifar-notebook": ModelSpec("cifar-notebook", batch=128, repeats=5, warmup=2, reference_batch=32,
-                                reference_repeats=3),
+    "cifar-notebook": ModelSpec(
+        "cifar-notebook", batch=128, repeats=5, warmup=2, reference_batch=32, reference_repeats=3
+    ),
     "S/16": ModelSpec("S/16", batch=16, repeats=5, warmup=1, reference_batch=4, reference_repeats=2),
     "B/16": ModelSpec("B/16", batch=8, repeats=5, warmup=1, reference_batch=2, reference_repeats=1),
 }

@@ -29,30 +29,49 @@ def add_derived(rows: list[dict], model_specs: list[ModelSpec], peak_gflops: flo
 def _ratio_to_fastest_peer(ours: dict, rows: list[dict], mode: str) -> dict | None:
     """The median over rounds of ours / the peer in the same round (the rounds interleave them),
     against the peer with the highest median rate."""
-    peers = [r for r in rows if r["model"] == ours["model"] and r["framework"] == ours["framework"]
-             and r["implementation"] != "ours" and r[mode]]
+    peers = [
+        r
+        for r in rows
+        if r["model"] == ours["model"]
+        and r["framework"] == ours["framework"]
+        and r["implementation"] != "ours"
+        and r[mode]
+    ]
     if not peers or not ours[mode]:
         return None
     fastest = max(peers, key=lambda r: r[mode]["median"])
     paired = np.asarray(ours[mode]["rates"]) / np.asarray(fastest[mode]["rates"])
-    return {"peer": fastest["implementation"], "ratio": float(np.median(paired)),
-            "min": float(paired.min()), "max": float(paired.max())}
+    return {
+        "peer": fastest["implementation"],
+        "ratio": float(np.median(paired)),
+        "min": float(paired.min()),
+        "max": float(paired.max()),
+    }
 
 
 def markdown(results: dict) -> str:
-    header = ("| model | implementation | batch | forward img/s (min–max) | train img/s (min–max) "
-              "| forward % of peak | train % of peak | ours / fastest peer (fwd, train) |")
+    header = (
+        "| model | implementation | batch | forward img/s (min–max) | train img/s (min–max) "
+        "| forward % of peak | train % of peak | ours / fastest peer (fwd, train) |"
+    )
     lines = [header, "|" + "---|" * 8]
     lines += [_table_row(row) for row in results["rows"]]
     sgemm, load = results["sgemm"], results["load_average"]
-    peak = (f"fp32 matmul peak: {sgemm['peak_gflops']:.1f} GFLOP/s (median of {sgemm['repeats']} "
-            f"{sgemm['size']}x{sgemm['size']} sgemms; numpy {sgemm['numpy_gflops']['median']:.1f}, "
-            f"torch {sgemm['torch_gflops']['median']:.1f}), measured in this run.")
-    where = (f"Machine: {results['machine']['cpu']}, {results['machine']['usable_cores']} cores. "
-             f"Load average (1/5/15 min) before {load['before']}, after {load['after']}.")
-    how = ("Rates are images/s after warm-up: median (min–max, n = repeats); the implementations of a "
-           "framework are timed in interleaved rounds, and ours / peer is the median of the per-round ratios. "
-           "FLOPs: matmuls only, counted from the config (bench.flops.forward_matmul_flops); training = 3x forward.")
+    peak = (
+        f"fp32 matmul peak: {sgemm['peak_gflops']:.1f} GFLOP/s (median of {sgemm['repeats']} "
+        f"{sgemm['size']}x{sgemm['size']} sgemms; numpy {sgemm['numpy_gflops']['median']:.1f}, "
+        f"torch {sgemm['torch_gflops']['median']:.1f}), measured in this run."
+    )
+    where = (
+        f"Machine: {results['machine']['cpu']}, {results['machine']['usable_cores']} cores. "
+        f"Load average (1/5/15 min) before {load['before']}, after {load['after']}."
+    )
+    how = (
+        "Rates are images/s after warm-up: median (min–max, n = repeats); the implementations of a "
+        "framework are timed in interleaved rounds, and ours / peer is the median of the per-round ratios. "
+        "FLOPs: matmuls only, counted from the config (bench.flops.forward_matmul_flops); "
+        "training = 3x forward."
+    )
     lines += ["", peak, where, how]
     lines += [f"Note: {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
@@ -61,9 +80,11 @@ def markdown(results: dict) -> str:
 def _table_row(row: dict) -> str:
     ratios = row.get("ours_over_fastest_peer")
     ratio_text = ", ".join(_ratio_text(ratios[mode]) for mode in MODES) if ratios else ""
-    return (f"| {row['model']} | {row['framework']}: {row['implementation']} | {row['forward']['batch']} "
-            f"| {_rate_text(row['forward'])} | {_rate_text(row['train'])} | {_percent(row['forward'])} "
-            f"| {_percent(row['train'])} | {ratio_text} |")
+    return (
+        f"| {row['model']} | {row['framework']}: {row['implementation']} | {row['forward']['batch']} "
+        f"| {_rate_text(row['forward'])} | {_rate_text(row['train'])} | {_percent(row['forward'])} "
+        f"| {_percent(row['train'])} | {ratio_text} |"
+    )
 
 
 def _rate_text(measured: dict | None) -> str:

@@ -27,9 +27,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny model at batch 2, 2 repeats: checks every implementation runs (< 60 s)")
-    parser.add_argument("--models", nargs="+", default=None, help="default: cifar-notebook S/16 B/16 (tiny with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny model at batch 2, 2 repeats: checks every implementation runs (< 60 s)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="default: cifar-notebook S/16 B/16 (tiny with --quick)"
+    )
     parser.add_argument("--frameworks", nargs="+", choices=list(FRAMEWORKS), default=list(FRAMEWORKS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     return parser.parse_args(argv)
@@ -60,10 +65,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         workers.append(run_worker(framework, args))
     rows = [row for worker in workers for row in worker["rows"]]
     add_derived(rows, model_specs, sgemm["peak_gflops"])
-    results = {"quick": args.quick, "machine": machine.describe() | {"threads": {w["framework"]: w["threads"] for w in workers}},
-               "sgemm": sgemm, "load_average": {"before": load_before, "after": machine.load_average()},
-               "models": {spec.name: spec.config.to_dict() for spec in model_specs},
-               "rows": rows, "notes": [note for worker in workers for note in worker["notes"]]}
+    results = {
+        "quick": args.quick,
+        "machine": machine.describe() | {"threads": {w["framework"]: w["threads"] for w in workers}},
+        "sgemm": sgemm,
+        "load_average": {"before": load_before, "after": machine.load_average()},
+        "models": {spec.name: spec.config.to_dict() for spec in model_specs},
+        "rows": rows,
+        "notes": [note for worker in workers for note in worker["notes"]],
+    }
     write(results, args.out)
     return results
 

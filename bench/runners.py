@@ -37,8 +37,11 @@ def float_batch(images: np.ndarray) -> np.ndarray:
 
 def backend_runner(backend_class, cfg: ViTConfig, batch: int) -> Runner:
     """Ours: the training Backend itself (uint8 in, on-device normalization, the recipe's clipped AdamW)."""
-    backend = backend_class(cfg, vitspec.init_params(cfg, seed=0), Recipe(), normalization_table(STATS["cifar10"]), "fp32",
-                            seed=0)
+    backend = backend_class(
+        cfg, vitspec.init_params(cfg, seed=0), Recipe(), normalization_table(STATS["cifar10"]), "fp32", seed=0
+    )
     images, labels = random_batch(cfg, batch)
-    return Runner(forward=lambda: backend.eval_logits(images),
-                  train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]))
+    return Runner(
+        forward=lambda: backend.eval_logits(images),
+        train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]),
+    )

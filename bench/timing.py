@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 
-def interleaved_rates(runs: Mapping[str, Callable[[], object]], batch: int, warmup: int, repeats: int
-                      ) -> dict[str, dict]:
+def interleaved_rates(
+    runs: Mapping[str, Callable[[], object]], batch: int, warmup: int, repeats: int
+) -> dict[str, dict]:
     """name -> {median, min, max, rates (one per round, in round order), repeats, warmup, batch}.
 
     Each call runs one batch and returns only once the work is done.
@@ -30,5 +31,15 @@ def interleaved_rates(runs: Mapping[str, Callable[[], object]], batch: int, warm
             start = time.perf_counter()
             runs[name]()
             rates[name].append(batch / (time.perf_counter() - start))
-    return {name: {"median": float(np.median(r)), "min": float(min(r)), "max": float(max(r)), "rates": r,
-                   "repeats": repeats, "warmup": warmup, "batch": batch} for name, r in rates.items()}
+    return {
+        name: {
+            "median": float(np.median(r)),
+            "min": float(min(r)),
+            "max": float(max(r)),
+            "rates": r,
+            "repeats": repeats,
+            "warmup": warmup,
+            "batch": batch,
+        }
+        for name, r in rates.items()
+    }

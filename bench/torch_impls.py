@@ -20,10 +20,19 @@ def huggingface(cfg: ViTConfig, batch: int) -> Runner:
     from transformers import ViTConfig as HFConfig
     from transformers import ViTForImageClassification
 
-    hf_cfg = HFConfig(hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-                      intermediate_size=cfg.mlp_dim, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                      num_channels=cfg.in_channels, num_labels=cfg.num_classes, layer_norm_eps=cfg.ln_eps,
-                      hidden_act="gelu", attn_implementation="sdpa")
+    hf_cfg = HFConfig(
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.mlp_dim,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.in_channels,
+        num_labels=cfg.num_classes,
+        layer_norm_eps=cfg.ln_eps,
+        hidden_act="gelu",
+        attn_implementation="sdpa",
+    )
     model = ViTForImageClassification(hf_cfg)
     return _module_runner(model, lambda x: model(pixel_values=x).logits, cfg, batch)
 

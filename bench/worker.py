@@ -25,8 +25,16 @@ def measure(framework: str, builds: dict, spec: ModelSpec) -> list[dict]:
     forward = interleaved_rates({name: r.forward for name, r in runners.items()}, batch, spec.warmup, repeats)
     trainable = {name: r.train_step for name, r in runners.items() if r.train_step is not None}
     train = interleaved_rates(trainable, batch, spec.warmup, repeats) if trainable else {}
-    return [{"model": spec.name, "framework": framework, "implementation": name, "forward": forward[name],
-             "train": train.get(name)} for name in runners]
+    return [
+        {
+            "model": spec.name,
+            "framework": framework,
+            "implementation": name,
+            "forward": forward[name],
+            "train": train.get(name),
+        }
+        for name in runners
+    ]
 
 
 def skipped(framework: str, implementation: str) -> str | None:

@@ -49,8 +49,9 @@ class Case:
     def at(self, dtype) -> tuple[dict[str, np.ndarray], np.ndarray]:
         return {k: v.astype(dtype) for k, v in self.params.items()}, self.images.astype(dtype)
 
-    def reference(self, dtype, round_inputs_to_bfloat16: bool = False, relabeling: dict | None = None
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def reference(
+        self, dtype, round_inputs_to_bfloat16: bool = False, relabeling: dict | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(named intermediates with attention maps, gradients with "images") in `dtype`.
 
         With `round_inputs_to_bfloat16`, the parameters, the images and the gradient that starts the
@@ -90,7 +91,8 @@ class Case:
         rng = np.random.default_rng(self.seed + 3)
         return [self.reference(np.float32)] + [
             self.reference(np.float32, relabeling=random_relabeling(self.cfg, rng))
-            for _ in range(FLOAT32_ROUNDINGS - 1)]
+            for _ in range(FLOAT32_ROUNDINGS - 1)
+        ]
 
 
 def loss_gradient(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -126,6 +128,11 @@ def assert_bfloat16_close(case: Case, named: dict, grads: dict) -> None:
     reference's own bfloat16 error."""
     ref64_named, ref64_grads = case.reference(np.float64)
     own_named, own_grads = case.reference(np.float64, round_inputs_to_bfloat16=True)
-    assert_close_lowp(as_float64(named), {k: ref64_named[k] for k in named}, [{k: own_named[k] for k in named}],
-                      "forward", "bfloat16")
+    assert_close_lowp(
+        as_float64(named),
+        {k: ref64_named[k] for k in named},
+        [{k: own_named[k] for k in named}],
+        "forward",
+        "bfloat16",
+    )
     assert_close_lowp(as_float64(grads), ref64_grads, [own_grads], "grad", "bfloat16")

@@ -52,8 +52,11 @@ def case_errors(case: Case, named_and_grads, bf16_named_and_grads) -> dict[str, 
     measured = {
         ("float32", "forward"): (named32, ref64_named, [r[0] for r in roundings]),
         ("float32", "grad"): (grads32, ref64_grads, [r[1] for r in roundings]),
-        ("bfloat16", "forward"): (bf16_named, {k: ref64_named[k] for k in bf16_named},
-                                  [{k: bf16_own[0][k] for k in bf16_named}]),
+        ("bfloat16", "forward"): (
+            bf16_named,
+            {k: ref64_named[k] for k in bf16_named},
+            [{k: bf16_own[0][k] for k in bf16_named}],
+        ),
         ("bfloat16", "grad"): (bf16_grads, ref64_grads, [bf16_own[1]]),
     }
     out = {}
@@ -67,16 +70,25 @@ def case_errors(case: Case, named_and_grads, bf16_named_and_grads) -> dict[str, 
 def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEED) -> None:
     named_and_grads, bf16_named_and_grads = backend_functions(backend)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "aten": os.environ.get("ATEN_CPU_CAPABILITY", ""),
-               "machine": platform.processor() or platform.machine()}
+    machine = {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "aten": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+        "machine": platform.processor() or platform.machine(),
+    }
     with open(out_path, "a") as f:
+
         @seed(sweep_seed)
         @settings(max_examples=examples, database=None, deadline=None, derandomize=False)
         @given(cases)
         def one(case):
-            record = {"backend": backend, "config": repr(case.cfg), "seed": case.seed,
-                      "batch": len(case.images), **machine,
-                      "errors": case_errors(case, named_and_grads, bf16_named_and_grads)}
+            record = {
+                "backend": backend,
+                "config": repr(case.cfg),
+                "seed": case.seed,
+                "batch": len(case.images),
+                **machine,
+                "errors": case_errors(case, named_and_grads, bf16_named_and_grads),
+            }
             f.write(json.dumps(record) + "\n")
             f.flush()
 
@@ -85,7 +97,7 @@ def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEE
 
 def worst_ratio(errors: dict[str, list[float]], dtype: str, kind: str, roundings: int) -> tuple[float, str]:
     floor = TOLERANCES[dtype][kind]["floor"]
-    ratios = {k: v[0] / max(max(v[1:1 + roundings]), floor) for k, v in errors.items()}
+    ratios = {k: v[0] / max(max(v[1 : 1 + roundings]), floor) for k, v in errors.items()}
     name = max(ratios, key=ratios.get)
     return ratios[name], name
 
@@ -100,30 +112,41 @@ def summary(paths: list[Path], roundings: int) -> None:
                 ratio, name = worst_ratio(rec["errors"][f"{dtype}/{kind}"], dtype, kind, roundings)
                 groups.setdefault((rec["backend"], isa, dtype, kind), []).append((ratio, name, rec))
     print(f"per-case worst ratio, the reference's own error the largest of {roundings} rounding(s)")
-    print("| backend | ISA | dtype | kind | cases | median | p99 | p99.9 | max | k | above k | worst tensor |")
+    print(
+        "| backend | ISA | dtype | kind | cases | median | p99 | p99.9 | max | k | above k | worst tensor |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (backend, isa, dtype, kind), rows in sorted(groups.items()):
         values = np.array([r[0] for r in rows])
         worst = max(rows, key=lambda r: r[0])
         k = TOLERANCES[dtype][kind]["k"]
-        print(f"| {backend} | {isa} | {dtype} | {kind} | {len(values)} | {np.median(values):.2f} | "
-              f"{np.percentile(values, 99):.2f} | {np.percentile(values, 99.9):.2f} | {values.max():.2f} | "
-              f"{k:g} | {int((values > k).sum())} | {worst[1]} |")
+        print(
+            f"| {backend} | {isa} | {dtype} | {kind} | {len(values)} | {np.median(values):.2f} | "
+            f"{np.percentile(values, 99):.2f} | {np.percentile(values, 99.9):.2f} | {values.max():.2f} | "
+            f"{k:g} | {int((values > k).sum())} | {worst[1]} |"
+        )
     for (backend, isa, dtype, kind), rows in sorted(groups.items()):
         ratio, name, rec = max(rows, key=lambda r: r[0])
         e = rec["errors"][f"{dtype}/{kind}"][name]
-        print(f"worst {backend} {isa} {dtype} {kind}: {ratio:.2f} on {name} (backend {e[0]:.3g}, own "
-              f"{', '.join(f'{x:.3g}' for x in e[1:])}), seed {rec['seed']} batch {rec['batch']}: {rec['config']}")
+        print(
+            f"worst {backend} {isa} {dtype} {kind}: {ratio:.2f} on {name} (backend {e[0]:.3g}, own "
+            f"{', '.join(f'{x:.3g}' for x in e[1:])}), seed {rec['seed']} batch {rec['batch']}: "
+            f"{rec['config']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m parity_tests.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m parity_tests.sweep", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="measure a backend over drawn cases, appending to a JSONL file")
     p.add_argument("backend", choices=["torch", "flax"])
     p.add_argument("--examples", type=int, default=200)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=SWEEP_SEED, help="Hypothesis seed of the draw (not the tests')")
+    p.add_argument(
+        "--seed", type=int, default=SWEEP_SEED, help="Hypothesis seed of the draw (not the tests')"
+    )
     p = sub.add_parser("summary", help="the ratio distributions of JSONL files written by run")
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--roundings", type=int, default=4, help="how many of the reference's roundings to use")

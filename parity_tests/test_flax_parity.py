@@ -43,7 +43,8 @@ def flax_named_and_grads(case: Case, dtype) -> tuple[dict, dict]:
     module = VisionTransformer(case.cfg, dtype=dtype, param_dtype=dtype)
     with jax.enable_x64(dtype == np.float64):
         named, grads, image_grads = jax.jit(_named_and_grads(case, module))(
-            from_reference(params, case.cfg)["params"], images)
+            from_reference(params, case.cfg)["params"], images
+        )
         grads = to_reference(grads, case.cfg) | {"images": np.asarray(image_grads)}
         named = {k: np.asarray(v) for k, v in named.items()}
     return named, grads
@@ -54,7 +55,9 @@ def _named_and_grads(case: Case, module: VisionTransformer, attention_maps: bool
 
     def objective(tree, images):
         named = module.apply({"params": tree}, images, intermediates=True)
-        logits = named["logits"].astype(jnp.promote_types(named["logits"].dtype, jnp.float32))  # loss as trained
+        logits = named["logits"].astype(
+            jnp.promote_types(named["logits"].dtype, jnp.float32)
+        )  # loss as trained
         if uses_cross_entropy(cfg):
             return cross_entropy(logits, labels, LABEL_SMOOTHING), named
         return jnp.sum(logits * jnp.asarray(cotangent, logits.dtype)), named
@@ -104,7 +107,8 @@ def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
     params, images = case.at(np.float32)
     module = VisionTransformer(case.cfg, dtype=jnp.bfloat16)
     named, grads, image_grads = jax.jit(_named_and_grads(case, module, attention_maps=False))(
-        from_reference(params, case.cfg)["params"], images)
+        from_reference(params, case.cfg)["params"], images
+    )
     grads = to_reference(grads, case.cfg) | {"images": np.asarray(image_grads)}
     return as_float64(named), as_float64(grads)
 
@@ -114,4 +118,3 @@ def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
 def test_bfloat16_error_within_k_of_reference_own(case):
     named, grads = bfloat16_named_and_grads(case)
     assert_bfloat16_close(case, named, grads)
-

@@ -126,4 +126,3 @@ def test_round_trip_reference_torch_reference_is_bit_exact(cfg, seed, dtype):
     assert list(back) == list(params)
     for k in params:
         assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
-

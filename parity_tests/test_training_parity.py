@@ -32,12 +32,14 @@ from vitspec.recipe import AdamState, Recipe, adamw_step, clip_scale, global_nor
 STEPS = 20
 LOSS_REL = 1e-9
 PARAM_REL = 1e-8
-CFG = vitspec.ViTConfig(image_size=8, patch_size=4, in_channels=3, width=16, depth=2, num_heads=2,
-                        mlp_dim=32, num_classes=5)
+CFG = vitspec.ViTConfig(
+    image_size=8, patch_size=4, in_channels=3, width=16, depth=2, num_heads=2, mlp_dim=32, num_classes=5
+)
 STATS = datasets.ChannelStats(mean=(0.5, 0.45, 0.4), std=(0.25, 0.24, 0.26))
 # Clip norm between the step's gradient norms, so some steps clip and some do not (checked below).
-RECIPE = Recipe(base_lr=3e-3, weight_decay=0.05, warmup_steps=5, total_steps=STEPS, label_smoothing=0.1,
-                clip_norm=1.0)
+RECIPE = Recipe(
+    base_lr=3e-3, weight_decay=0.05, warmup_steps=5, total_steps=STEPS, label_smoothing=0.1, clip_norm=1.0
+)
 SEED = 3
 
 
@@ -46,8 +48,13 @@ def batches() -> list[pipeline.TrainBatch]:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, CFG.num_classes, size=64)
-    stream = pipeline.train_batches(images, labels, 8, pipeline.LoaderState(seed=SEED),
-                                    pipeline.Augmentation(crop_padding=1, horizontal_flip=True))
+    stream = pipeline.train_batches(
+        images,
+        labels,
+        8,
+        pipeline.LoaderState(seed=SEED),
+        pipeline.Augmentation(crop_padding=1, horizontal_flip=True),
+    )
     return [next(stream) for _ in range(STEPS)]
 
 
@@ -78,7 +85,9 @@ def backend_trajectory(backend) -> tuple[list[float], dict[str, np.ndarray]]:
 @functools.cache
 def torch_trajectory():
     params = vitspec.init_params(CFG, SEED, dtype=np.float64)
-    return backend_trajectory(TorchBackend(CFG, params, RECIPE, normalization_table(STATS), "fp64", SEED, device="cpu"))
+    return backend_trajectory(
+        TorchBackend(CFG, params, RECIPE, normalization_table(STATS), "fp64", SEED, device="cpu")
+    )
 
 
 @functools.cache
@@ -129,15 +138,24 @@ def test_torch_and_flax_follow_each_other():
 
 
 def test_backends_decay_exactly_the_reference_names_that_decay():
-    """Each backend's mask, mapped back through its converter, is `recipe.decays` on every knob's parameters."""
-    cfg = CFG.replace(pool="map", class_token=True, num_registers=2, qk_norm=True, layer_scale=0.1,
-                      representation_size=8)
+    """Each backend's mask, mapped back through its converter, is `recipe.decays` on every knob's
+    parameters."""
+    cfg = CFG.replace(
+        pool="map", class_token=True, num_registers=2, qk_norm=True, layer_scale=0.1, representation_size=8
+    )
     params = vitspec.init_params(cfg, SEED)
     expected = {k: np.full(v.shape, float(vitspec.recipe.decays(k))) for k, v in params.items()}
-    torch_mask = {k: torch.full(shape, float(flag)) for (k, flag), shape in
-                  zip(torch_train.decay_mask(cfg).items(), torch_convert.timm_shapes(cfg).values(), strict=True)}
-    flax_mask = jax.tree.map(lambda flag, p: np.full(np.shape(p), float(flag)), flax_train.decay_mask(cfg),
-                             flax_convert.from_reference(params, cfg)["params"])
+    torch_mask = {
+        k: torch.full(shape, float(flag))
+        for (k, flag), shape in zip(
+            torch_train.decay_mask(cfg).items(), torch_convert.timm_shapes(cfg).values(), strict=True
+        )
+    }
+    flax_mask = jax.tree.map(
+        lambda flag, p: np.full(np.shape(p), float(flag)),
+        flax_train.decay_mask(cfg),
+        flax_convert.from_reference(params, cfg)["params"],
+    )
     for mapped in (torch_convert.to_reference(torch_mask, cfg), flax_convert.to_reference(flax_mask, cfg)):
         assert mapped.keys() == expected.keys()
         for name, flags in expected.items():

@@ -55,8 +55,9 @@ def rel_err(x: np.ndarray, ref: np.ndarray, scale: float | None = None) -> float
     return diff / scale if scale > 0 else diff
 
 
-def tree_rel_errs(tree: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], kind: str = "forward"
-                  ) -> dict[str, float]:
+def tree_rel_errs(
+    tree: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], kind: str = "forward"
+) -> dict[str, float]:
     missing = sorted(set(ref) - set(tree))
     extra = sorted(set(tree) - set(ref))
     if missing or extra:
@@ -79,8 +80,9 @@ def assert_close_f64(tree, ref, kind: str) -> dict[str, float]:
     return errs
 
 
-def lowp_ratios(tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype: str
-                ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def lowp_ratios(
+    tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype: str
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """(errors, the reference's own errors, ratios) per entry: the error of `tree` against float64,
     the largest error of the reference's own roundings at `dtype`, and their ratio with the floor."""
     floor = TOLERANCES[dtype][kind]["floor"]
@@ -90,8 +92,9 @@ def lowp_ratios(tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype:
     return errs, own, {k: errs[k] / max(own[k], floor) for k in errs}
 
 
-def assert_close_lowp(tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype: str = "float32"
-                      ) -> dict[str, float]:
+def assert_close_lowp(
+    tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype: str = "float32"
+) -> dict[str, float]:
     """Every entry's error vs float64 within k x the reference's own error at `dtype`.
 
     The reference's own error is the largest over `own_roundings`, each a tree of the reference
@@ -102,6 +105,8 @@ def assert_close_lowp(tree, ref64, own_roundings: Sequence[Mapping], kind: str, 
     errs, own, ratios = lowp_ratios(tree, ref64, own_roundings, kind, dtype)
     bad = {name: (errs[name], own[name]) for name, r in ratios.items() if not r <= k}
     if bad:
-        detail = "; ".join(f"{name}: backend {e:.3g} vs reference's own {o:.3g}" for name, (e, o) in bad.items())
+        detail = "; ".join(
+            f"{name}: backend {e:.3g} vs reference's own {o:.3g}" for name, (e, o) in bad.items()
+        )
         raise AssertionError(f"{dtype} {kind} error above {k:g} x the reference's own: {detail}")
     return ratios

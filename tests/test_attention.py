@@ -13,12 +13,39 @@ PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
 
 MODELS = {
-    "class token": vitspec.ViTConfig(image_size=16, patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32,
-                                     num_classes=3, num_registers=1),
-    "map head": vitspec.ViTConfig(image_size=(16, 12), patch_size=4, in_channels=1, width=16, depth=2,
-                                  num_heads=4, mlp_dim=32, num_classes=3, pool="map", class_token=False),
-    "average pool": vitspec.ViTConfig(image_size=16, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32,
-                                      num_classes=3, pool="gap", class_token=False),
+    "class token": vitspec.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        width=16,
+        depth=2,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=3,
+        num_registers=1,
+    ),
+    "map head": vitspec.ViTConfig(
+        image_size=(16, 12),
+        patch_size=4,
+        in_channels=1,
+        width=16,
+        depth=2,
+        num_heads=4,
+        mlp_dim=32,
+        num_classes=3,
+        pool="map",
+        class_token=False,
+    ),
+    "average pool": vitspec.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        width=16,
+        depth=1,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=3,
+        pool="gap",
+        class_token=False,
+    ),
 }
 
 
@@ -37,15 +64,23 @@ def test_every_backend_draws_the_references_maps(name, images, tmp_path):
     cfg = MODELS[name]
     checkpoint = tmp_path / "model.safetensors"
     vitspec.save(checkpoint, cfg, random_params(cfg, 0))
-    results = {backend: attention.main([str(checkpoint), *map(str, images), "--out", str(tmp_path / backend),
-                                        "--backend", backend])
-               for backend in attention.BACKENDS}
+    results = {
+        backend: attention.main(
+            [str(checkpoint), *map(str, images), "--out", str(tmp_path / backend), "--backend", backend]
+        )
+        for backend in attention.BACKENDS
+    }
     for backend in ("torch", "flax"):
         for image in results["numpy"]:
             for kind in ("rollout", "heads"):
-                np.testing.assert_allclose(results[backend][image][kind], results["numpy"][image][kind],
-                                           rtol=0, atol=1e-5, err_msg=f"{backend} {image} {kind}")
-    for image, maps in results["numpy"].items():
+                np.testing.assert_allclose(
+                    results[backend][image][kind],
+                    results["numpy"][image][kind],
+                    rtol=0,
+                    atol=1e-5,
+                    err_msg=f"{backend} {image} {kind}",
+                )
+    for maps in results["numpy"].values():
         assert maps["rollout"].shape[-2:] == cfg.grid_size
         np.testing.assert_allclose(maps["rollout"].sum(), 1.0, rtol=1e-5)
         assert maps["heads"].shape == (cfg.num_heads, *cfg.grid_size)
@@ -69,7 +104,9 @@ def test_an_unreadable_image_is_one_error_line(tmp_path, capsys):
     vitspec.save(tmp_path / "model.safetensors", cfg, random_params(cfg, 0))
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit) as exit_:
-        attention.main([str(tmp_path / "model.safetensors"), str(tmp_path / "bad.png"), "--out", str(tmp_path)])
+        attention.main(
+            [str(tmp_path / "model.safetensors"), str(tmp_path / "bad.png"), "--out", str(tmp_path)]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.png: not a readable image" in err

@@ -31,8 +31,11 @@ def quick_results(tmp_path_factory):
 
 def expected_implementations() -> set[tuple[str, str]]:
     torch_impls = {"ours", "notebook-per-head"} | ({"hf-transformers"} if has_transformers() else set())
-    return ({("torch", name) for name in torch_impls} | {("flax", "ours"), ("flax", "flax-stock")}
-            | {("numpy", "reference")})
+    return (
+        {("torch", name) for name in torch_impls}
+        | {("flax", "ours"), ("flax", "flax-stock")}
+        | {("numpy", "reference")}
+    )
 
 
 def test_quick_writes_both_files(quick_results):
@@ -58,7 +61,15 @@ def test_quick_rows_carry_rates_and_peak_fractions(quick_results):
         trains = row["framework"] != "numpy"
         assert (row["train"] is not None) == trains
         for mode in MODES[: 1 + trains]:
-            assert set(row[mode]) >= {"median", "min", "max", "repeats", "batch", "gflops", "fraction_of_peak"}
+            assert set(row[mode]) >= {
+                "median",
+                "min",
+                "max",
+                "repeats",
+                "batch",
+                "gflops",
+                "fraction_of_peak",
+            }
             assert row[mode]["min"] <= row[mode]["median"] <= row[mode]["max"]
             assert len(row[mode]["rates"]) == row[mode]["repeats"]
         if row["implementation"] == "ours" and row["framework"] != "numpy":
@@ -81,7 +92,7 @@ def test_rounds_interleave_the_implementations_in_rotated_order():
     runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     rates = interleaved_rates(runs, batch=4, warmup=2, repeats=3)
     assert calls[:6] == list("aabbcc")  # warm-up: each in turn
-    assert calls[6:] == list("abc" "bca" "cab")
+    assert calls[6:] == list("abcbcacab")
     assert {name: len(r["rates"]) for name, r in rates.items()} == {"a": 3, "b": 3, "c": 3}
 
 
@@ -94,9 +105,26 @@ def test_matmul_flops_of_b16_match_the_published_count():
 
 def test_loop_bench_runs_the_training_loop_and_the_bare_step(tmp_path):
     write_fashion_mnist(tmp_path / "fashion-mnist", train=80, test=20)
-    results = loop.main(["--model", "fmnist-tiny", "--batch-size", "16", "--steps", "2", "--rounds", "2",
-                         "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--validation-size", "16",
-                         "--model-overrides", '{"depth": 1, "width": 16, "num_heads": 2, "mlp_dim": 32}'])
+    results = loop.main(
+        [
+            "--model",
+            "fmnist-tiny",
+            "--batch-size",
+            "16",
+            "--steps",
+            "2",
+            "--rounds",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--validation-size",
+            "16",
+            "--model-overrides",
+            '{"depth": 1, "width": 16, "num_heads": 2, "mlp_dim": 32}',
+        ]
+    )
     assert [r["backend"] for r in results] == ["torch", "flax"]
     for r in results:
         assert len(r["loop_images_per_second"]) == len(r["bare_images_per_second"]) == 2

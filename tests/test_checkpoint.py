@@ -16,8 +16,12 @@ from vitspec.formats import checkpoint as ckpt
 
 
 @settings(max_examples=10)
-@given(cfg=configs(), seed=st.integers(0, 2**16), suffix=st.sampled_from([".safetensors", ".npz"]),
-       dtype=st.sampled_from([np.float32, np.float64]))
+@given(
+    cfg=configs(),
+    seed=st.integers(0, 2**16),
+    suffix=st.sampled_from([".safetensors", ".npz"]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
 def test_save_then_load_is_bit_exact(tmp_path_factory, cfg, seed, suffix, dtype):
     path = tmp_path_factory.mktemp("ckpt") / f"model{suffix}"
     params = random_params(cfg, seed, dtype=dtype)
@@ -100,7 +104,9 @@ def test_tree_not_matching_its_config_names_the_keys(saved, tmp_path):
     assert "head/kernel: expected (192, 10), got (192, 7)" in str(e.value)
     bad_config = dict(metadata, **{ckpt.CONFIG_KEY: json.dumps({**cfg.to_dict(), "num_heads": 5})})
     save_file(ckpt.read_safetensors(path)[0], tmp_path / "badcfg.safetensors", metadata=bad_config)
-    with pytest.raises(CheckpointError, match="the stored config is invalid: num_heads=5 does not divide width=192"):
+    with pytest.raises(
+        CheckpointError, match="the stored config is invalid: num_heads=5 does not divide width=192"
+    ):
         vitspec.load(tmp_path / "badcfg.safetensors")
 
 

@@ -11,8 +11,11 @@ from vitspec import ViTConfig
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (dict(image_size=30, patch_size=4), r"image_size=\(30, 30\) is not divisible by patch_size=\(4, 4\): "
-                                            r"image height 30 % patch height 4 = 2"),
+        (
+            dict(image_size=30, patch_size=4),
+            r"image_size=\(30, 30\) is not divisible by patch_size=\(4, 4\): "
+            r"image height 30 % patch height 4 = 2",
+        ),
         (dict(image_size=(32, 30), patch_size=(4, 4)), r"image width 30 % patch width 4 = 2"),
         (dict(width=100, num_heads=12), r"num_heads=12 does not divide width=100"),
         (dict(pool="cls"), r"pool='cls': expected one of 'token', 'gap', 'map', 'none'"),
@@ -31,7 +34,10 @@ from vitspec import ViTConfig
         (dict(qkv_bias=1), r"qkv_bias=1: expected True or False"),
         (dict(pool="token", class_token=False), r"pool='token' reads the class token, but class_token=False"),
         (dict(posemb="sincos2d", width=66, num_heads=6), r"posemb='sincos2d' needs width divisible by 4"),
-        (dict(posemb="sincos2d"), r"posemb='sincos2d' is defined on the patch grid only: set posemb_on_cls=False"),
+        (
+            dict(posemb="sincos2d"),
+            r"posemb='sincos2d' is defined on the patch grid only: set posemb_on_cls=False",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(fields, message):
@@ -61,8 +67,10 @@ def test_class_token_follows_pool_unless_given():
 
 # Parameter counts of timm's vit_{tiny,small,base,large}_patch16_224 (1000 classes, class token
 # with position embedding): published figures, independent of this code.
-@pytest.mark.parametrize(("name", "count"), [("Ti/16", 5_717_416), ("S/16", 22_050_664),
-                                             ("B/16", 86_567_656), ("L/16", 304_326_632)])
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("Ti/16", 5_717_416), ("S/16", 22_050_664), ("B/16", 86_567_656), ("L/16", 304_326_632)],
+)
 def test_paper_variants_have_the_published_parameter_counts(name, count):
     assert vitspec.num_params(vitspec.variant(name)) == count
 
@@ -78,7 +86,14 @@ def test_variant_overrides_and_rectangular_patches():
 def test_cifar_notebook_preset_is_the_notebook_model():
     cfg = vitspec.variant("cifar-notebook")
     assert (cfg.image_size, cfg.patch_size, cfg.depth, cfg.width, cfg.num_heads, cfg.mlp_dim, cfg.pool) == (
-        (32, 32), (4, 4), 6, 128, 8, 256, "token")
+        (32, 32),
+        (4, 4),
+        6,
+        128,
+        8,
+        256,
+        "token",
+    )
     assert vitspec.variant("fmnist-tiny").in_channels == 1
 
 

@@ -17,8 +17,9 @@ from vitspec.config import ViTConfig
 from vitspec.formats import FormatError, load_any, save_any
 from vitspec.formats.checkpoint import CheckpointError
 
-SMALL = ViTConfig(image_size=(4, 6), patch_size=(2, 3), width=12, depth=1, num_heads=3, mlp_dim=20,
-                  num_classes=5)
+SMALL = ViTConfig(
+    image_size=(4, 6), patch_size=(2, 3), width=12, depth=1, num_heads=3, mlp_dim=20, num_classes=5
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,11 +53,16 @@ def test_reference_to_timm_and_back_with_check(ref_file, tmp_path, capsys):
         np.testing.assert_array_equal(params[key], value)
 
 
-@pytest.mark.parametrize("dst, to, backend", [
-    ("m.pt", None, "backends.torch_vit"), ("m.msgpack", None, "backends.flax_vit"),
-    ("m.npz", "flax", "backends.flax_vit"), ("m.npz", "vit_jax", "the reference"),
-    ("m.safetensors", "hf", "the reference"),
-])
+@pytest.mark.parametrize(
+    "dst, to, backend",
+    [
+        ("m.pt", None, "backends.torch_vit"),
+        ("m.msgpack", None, "backends.flax_vit"),
+        ("m.npz", "flax", "backends.flax_vit"),
+        ("m.npz", "vit_jax", "the reference"),
+        ("m.safetensors", "hf", "the reference"),
+    ],
+)
 def test_check_runs_the_target_backend_and_agrees(ref_file, tmp_path, capsys, dst, to, backend):
     if backend.startswith("backends."):
         pytest.importorskip(backend)
@@ -67,25 +73,33 @@ def test_check_runs_the_target_backend_and_agrees(ref_file, tmp_path, capsys, ds
 
 
 def test_image_size_resamples_and_reports(ref_file, tmp_path, capsys):
-    code, out, _ = run(capsys, ref_file, tmp_path / "big.npz", "--to", "flax", "--image-size", "8,12",
-                       "--check")
+    code, out, _ = run(
+        capsys, ref_file, tmp_path / "big.npz", "--to", "flax", "--image-size", "8,12", "--check"
+    )
     assert code == 0
-    assert ("image size (4, 6) -> (8, 12): position embedding resampled 2x2 -> 4x4 "
-            "(bilinear, big_vision's)") in out
+    assert (
+        "image size (4, 6) -> (8, 12): position embedding resampled 2x2 -> 4x4 (bilinear, big_vision's)"
+    ) in out
     assert "read it back with --gelu exact --source-image-size 8,12" in out
     cfg, _ = load_any(tmp_path / "big.npz", gelu="exact", image_size=(8, 12))
     assert cfg.image_size == (8, 12)
 
 
 def test_subprocess_run(ref_file, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vitspec.convert", str(ref_file), str(tmp_path / "m.npz"),
-                             "--to", "vit_jax"], capture_output=True, text=True, cwd=ROOT, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitspec.convert", str(ref_file), str(tmp_path / "m.npz"), "--to", "vit_jax"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "(ref) -> m.npz (vit_jax)" in result.stdout
     assert "read it back with --gelu exact" in result.stdout
 
 
 # --- errors ----------------------------------------------------------------------------------------
+
 
 def error_of(capsys, *argv) -> str:
     code, _, err = run(capsys, *argv)
@@ -99,8 +113,10 @@ def test_unknown_format_lists_the_known_ones(ref_file, tmp_path, capsys):
 
 
 def test_missing_and_unexpected_keys_are_all_listed(ref_file, tmp_path, capsys):
-    state = {k: torch.from_numpy(v) for k, v in
-             vitspec.formats.EXTERNAL["torch"].from_reference(random_params(SMALL, 0), SMALL).items()}
+    state = {
+        k: torch.from_numpy(v)
+        for k, v in vitspec.formats.EXTERNAL["torch"].from_reference(random_params(SMALL, 0), SMALL).items()
+    }
     del state["head.bias"], state["blocks.0.mlp.fc2.bias"]
     state["blocks.0.attn.q_bias"] = torch.zeros(12)
     torch.save(state, tmp_path / "broken.pt")
@@ -138,11 +154,13 @@ def test_foreign_files_are_refused(tmp_path, capsys):
     err = error_of(capsys, tmp_path / "list.pt", tmp_path / "out.safetensors")
     assert "holds a list, not a state dict" in err
     torch.save({"epoch": 3, "weights": torch.zeros(2)}, tmp_path / "mixed.pt")
-    assert "entries that are not tensors: ['epoch']" in error_of(capsys, tmp_path / "mixed.pt",
-                                                                  tmp_path / "out.safetensors")
+    assert "entries that are not tensors: ['epoch']" in error_of(
+        capsys, tmp_path / "mixed.pt", tmp_path / "out.safetensors"
+    )
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
-    assert "not a readable torch checkpoint (UnpicklingError" in error_of(capsys, tmp_path / "junk.pt",
-                                                                          tmp_path / "out.safetensors")
+    assert "not a readable torch checkpoint (UnpicklingError" in error_of(
+        capsys, tmp_path / "junk.pt", tmp_path / "out.safetensors"
+    )
     (tmp_path / "model.ckpt").write_bytes(b"x")
     assert "unknown suffix '.ckpt'" in error_of(capsys, tmp_path / "model.ckpt", tmp_path / "out.safetensors")
 
@@ -153,8 +171,9 @@ def test_inconsistent_flags_are_refused(ref_file, tmp_path, capsys):
     err = error_of(capsys, tmp_path / "bv.npz", tmp_path / "b.pt", "--heads", "4")
     assert "--heads 4, but the big_vision attention kernels have 3 heads" in err
     err = error_of(capsys, tmp_path / "bv.npz", tmp_path / "c.pt", "--source-image-size", "6,6")
-    assert ("source image size (6, 6) gives 6 patches (+1 prefix tokens), but the position embedding "
-            "has 5 rows") in err
+    assert (
+        "source image size (6, 6) gives 6 patches (+1 prefix tokens), but the position embedding has 5 rows"
+    ) in err
     err = error_of(capsys, tmp_path / "bv.npz", tmp_path / "d.pt", "--posemb", "sincos2d")
     assert "--posemb sincos2d, but the checkpoint has a learned position embedding (5 rows)" in err
 
@@ -178,11 +197,14 @@ def test_non_square_grid_needs_the_source_image_size(tmp_path, capsys):
     cfg = SMALL.replace(image_size=(4, 9))  # a 2x3 grid: 6 posemb rows after the class token
     save_any(tmp_path / "wide.npz", "vit_jax", cfg, random_params(cfg, 0))
     err = error_of(capsys, tmp_path / "wide.npz", tmp_path / "out.safetensors")
-    assert ("the position embedding has 7 rows: 1 class/register row(s) + 6 patch rows, as vision_transformer's "
-            "convention has it is not a square patch grid, so the image size cannot be read from it") in err
+    assert (
+        "the position embedding has 7 rows: 1 class/register row(s) + 6 patch rows, as vision_transformer's "
+        "convention has it is not a square patch grid, so the image size cannot be read from it"
+    ) in err
     assert "Pass --source-image-size H,W" in err
-    code, _, _ = run(capsys, tmp_path / "wide.npz", tmp_path / "out.safetensors",
-                     "--source-image-size", "4,9")
+    code, _, _ = run(
+        capsys, tmp_path / "wide.npz", tmp_path / "out.safetensors", "--source-image-size", "4,9"
+    )
     assert code == 0
 
 
@@ -192,16 +214,24 @@ def test_non_square_grid_needs_the_source_image_size(tmp_path, capsys):
 # timm 32x48 patch-8 model, 1 class row + 24 patch rows = 25, which is no 5x5 grid.
 AMBIGUOUS = [
     ("torch", dict(image_size=(32, 48), patch_size=8), "(timm's no_embed_class models)"),
-    ("torch", dict(image_size=(16, 16), patch_size=4, num_registers=2, posemb_on_cls=False),
-     "(timm's no_embed_class models)"),
-    ("flax", dict(image_size=(8, 8), patch_size=4), "1 class/register row(s) + 4 patch rows would be a square"),
+    (
+        "torch",
+        dict(image_size=(16, 16), patch_size=4, num_registers=2, posemb_on_cls=False),
+        "(timm's no_embed_class models)",
+    ),
+    (
+        "flax",
+        dict(image_size=(8, 8), patch_size=4),
+        "1 class/register row(s) + 4 patch rows would be a square",
+    ),
     ("hf", dict(image_size=(8, 24), patch_size=8, ln_eps=1e-12), "is not a square patch grid"),
 ]
 
 
 @pytest.mark.parametrize("fmt, overrides, alternative", AMBIGUOUS)
-def test_a_reading_against_the_convention_is_refused_naming_the_flag(tmp_path, capsys, fmt, overrides,
-                                                                      alternative):
+def test_a_reading_against_the_convention_is_refused_naming_the_flag(
+    tmp_path, capsys, fmt, overrides, alternative
+):
     cfg = ViTConfig(width=12, depth=1, num_heads=3, mlp_dim=8, num_classes=2, **overrides)
     path = tmp_path / ("model.npz" if fmt == "flax" else "model.safetensors")
     save_any(path, fmt, cfg, random_params(cfg, 0))
@@ -209,8 +239,21 @@ def test_a_reading_against_the_convention_is_refused_naming_the_flag(tmp_path, c
     assert "cannot be read from it" in err and alternative in err
     assert "Pass --source-image-size H,W" in err
     size = ",".join(map(str, cfg.image_size))
-    code, _, _ = run(capsys, path, tmp_path / "back.safetensors", "--heads", "3", "--from", fmt,
-                     "--source-image-size", size, "--gelu", cfg.gelu, "--ln-eps", str(cfg.ln_eps))
+    code, _, _ = run(
+        capsys,
+        path,
+        tmp_path / "back.safetensors",
+        "--heads",
+        "3",
+        "--from",
+        fmt,
+        "--source-image-size",
+        size,
+        "--gelu",
+        cfg.gelu,
+        "--ln-eps",
+        str(cfg.ln_eps),
+    )
     assert code == 0
     back, params = vitspec.load(tmp_path / "back.safetensors")
     assert back.replace(layer_scale=cfg.layer_scale) == cfg

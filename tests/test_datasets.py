@@ -1,4 +1,8 @@
-"""Loaders read small archives written here in the exact official formats, and reject broken ones by name."""
+"""Loaders read small archives written here in the exact official formats, and reject broken ones by name.
+
+Long because every reader and every way a file can be wrong has its case, all sharing the
+writers of the official formats at the top.
+"""
 
 from __future__ import annotations
 
@@ -366,9 +370,7 @@ def test_real_cifar_stats(name):
     try:
         official = datasets.read_official(name)
     except DatasetNotFoundError:
-        pytest.skip(
-            f"{name} not in {datasets.default_data_dir()}: `vitspec download {name}`"
-        )
+        pytest.skip(f"{name} not in {datasets.default_data_dir()}: `vitspec download {name}`")
     assert (len(official.train), len(official.test)) == (50_000, 10_000)
     stats = datasets.channel_stats(official.train.images)
     np.testing.assert_allclose(stats.mean, datasets.STATS[name].mean, atol=1e-8)
@@ -435,9 +437,7 @@ def test_download_keeps_verified_files(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(datasets.RESOURCES, "cifar100", (resource,))
     (tmp_path / "x.tar.gz").write_bytes(blob)
-    monkeypatch.setattr(
-        urllib.request, "urlopen", lambda *a, **k: pytest.fail("should not download")
-    )
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("should not download"))
     assert datasets.download("cifar100", tmp_path) == [tmp_path / "x.tar.gz"]
 
 

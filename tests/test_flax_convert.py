@@ -22,8 +22,17 @@ ATTN = f"{BLOCK}/MultiHeadDotProductAttention_0"
 
 # A big_vision ViT as its checkpoints have it: class token, posemb on the patches only.
 BIG_VISION_TOKEN = vitspec.ViTConfig(
-    image_size=8, patch_size=4, in_channels=3, width=8, depth=1, num_heads=2, mlp_dim=16,
-    num_classes=5, pool="token", posemb_on_cls=False)
+    image_size=8,
+    patch_size=4,
+    in_channels=3,
+    width=8,
+    depth=1,
+    num_heads=2,
+    mlp_dim=16,
+    num_classes=5,
+    pool="token",
+    posemb_on_cls=False,
+)
 BIG_VISION_TOKEN_TREE = {
     "embedding/kernel": (4, 4, 3, 8),
     "embedding/bias": (8,),
@@ -53,9 +62,25 @@ BIG_VISION_TOKEN_TREE = {
 
 # Every knob big_vision lacks, on a MAP-pooled model (SigLIP's head).
 EVERY_EXTRA = vitspec.ViTConfig(
-    image_size=(4, 6), patch_size=(2, 3), in_channels=1, width=12, depth=1, num_heads=3, mlp_dim=8,
-    num_classes=2, pool="map", class_token=True, num_registers=2, posemb="learned", posemb_on_cls=True,
-    fc_norm=True, representation_size=7, qkv_bias=False, qk_norm=True, layer_scale=0.1)
+    image_size=(4, 6),
+    patch_size=(2, 3),
+    in_channels=1,
+    width=12,
+    depth=1,
+    num_heads=3,
+    mlp_dim=8,
+    num_classes=2,
+    pool="map",
+    class_token=True,
+    num_registers=2,
+    posemb="learned",
+    posemb_on_cls=True,
+    fc_norm=True,
+    representation_size=7,
+    qkv_bias=False,
+    qk_norm=True,
+    layer_scale=0.1,
+)
 MAP = "MAPHead_0/MultiHeadDotProductAttention_0"
 EVERY_EXTRA_TREE = {
     "embedding/kernel": (2, 3, 1, 12),
@@ -107,25 +132,42 @@ EVERY_EXTRA_TREE = {
 
 # Global average pooling, fixed sincos posemb (no parameter), no head, two blocks.
 GAP_SINCOS_FEATURES = vitspec.ViTConfig(
-    image_size=4, patch_size=2, in_channels=2, width=8, depth=2, num_heads=1, mlp_dim=4,
-    num_classes=0, pool="gap", posemb="sincos2d")
+    image_size=4,
+    patch_size=2,
+    in_channels=2,
+    width=8,
+    depth=2,
+    num_heads=1,
+    mlp_dim=4,
+    num_classes=0,
+    pool="gap",
+    posemb="sincos2d",
+)
 GAP_SINCOS_FEATURES_TREE = {
     "embedding/kernel": (2, 2, 2, 8),
     "embedding/bias": (8,),
-    **{f"Transformer/encoderblock_{i}/{name}": shape for i in (0, 1) for name, shape in {
-        "LayerNorm_0/scale": (8,), "LayerNorm_0/bias": (8,),
-        "MultiHeadDotProductAttention_0/query/kernel": (8, 1, 8),
-        "MultiHeadDotProductAttention_0/query/bias": (1, 8),
-        "MultiHeadDotProductAttention_0/key/kernel": (8, 1, 8),
-        "MultiHeadDotProductAttention_0/key/bias": (1, 8),
-        "MultiHeadDotProductAttention_0/value/kernel": (8, 1, 8),
-        "MultiHeadDotProductAttention_0/value/bias": (1, 8),
-        "MultiHeadDotProductAttention_0/out/kernel": (1, 8, 8),
-        "MultiHeadDotProductAttention_0/out/bias": (8,),
-        "LayerNorm_1/scale": (8,), "LayerNorm_1/bias": (8,),
-        "MlpBlock_0/Dense_0/kernel": (8, 4), "MlpBlock_0/Dense_0/bias": (4,),
-        "MlpBlock_0/Dense_1/kernel": (4, 8), "MlpBlock_0/Dense_1/bias": (8,),
-    }.items()},
+    **{
+        f"Transformer/encoderblock_{i}/{name}": shape
+        for i in (0, 1)
+        for name, shape in {
+            "LayerNorm_0/scale": (8,),
+            "LayerNorm_0/bias": (8,),
+            "MultiHeadDotProductAttention_0/query/kernel": (8, 1, 8),
+            "MultiHeadDotProductAttention_0/query/bias": (1, 8),
+            "MultiHeadDotProductAttention_0/key/kernel": (8, 1, 8),
+            "MultiHeadDotProductAttention_0/key/bias": (1, 8),
+            "MultiHeadDotProductAttention_0/value/kernel": (8, 1, 8),
+            "MultiHeadDotProductAttention_0/value/bias": (1, 8),
+            "MultiHeadDotProductAttention_0/out/kernel": (1, 8, 8),
+            "MultiHeadDotProductAttention_0/out/bias": (8,),
+            "LayerNorm_1/scale": (8,),
+            "LayerNorm_1/bias": (8,),
+            "MlpBlock_0/Dense_0/kernel": (8, 4),
+            "MlpBlock_0/Dense_0/bias": (4,),
+            "MlpBlock_0/Dense_1/kernel": (4, 8),
+            "MlpBlock_0/Dense_1/bias": (8,),
+        }.items()
+    },
     "Transformer/encoder_norm/scale": (8,),
     "Transformer/encoder_norm/bias": (8,),
 }
@@ -178,11 +220,12 @@ def test_heads_are_head_major_columns():
     cfg = EVERY_EXTRA
     params = random_params(cfg, 0)
     kernel = from_reference(params, cfg)["params"]["Transformer"]["encoderblock_0"][
-        "MultiHeadDotProductAttention_0"]["query"]["kernel"]
+        "MultiHeadDotProductAttention_0"
+    ]["query"]["kernel"]
     dh = cfg.head_dim
     reference_kernel = params["blocks/0/attn/query/kernel"]
     for h in range(cfg.num_heads):
-        np.testing.assert_array_equal(kernel[:, h, :], reference_kernel[:, h * dh:(h + 1) * dh])
+        np.testing.assert_array_equal(kernel[:, h, :], reference_kernel[:, h * dh : (h + 1) * dh])
 
 
 def big_vision_flat(cfg) -> dict[str, np.ndarray]:

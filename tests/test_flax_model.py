@@ -24,8 +24,19 @@ DRAWS = 2000
 SIGMAS = 5.0
 
 BASE = vitspec.ViTConfig(
-    image_size=(4, 6), patch_size=2, in_channels=2, width=12, depth=2, num_heads=3, mlp_dim=8,
-    num_classes=3, pool="token", num_registers=1, layer_scale=0.5, qkv_bias=False)
+    image_size=(4, 6),
+    patch_size=2,
+    in_channels=2,
+    width=12,
+    depth=2,
+    num_heads=3,
+    mlp_dim=8,
+    num_classes=3,
+    pool="token",
+    num_registers=1,
+    layer_scale=0.5,
+    qkv_bias=False,
+)
 RATES = {"dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth": 0.2}
 
 

@@ -6,6 +6,9 @@ models/vit.py, vision_transformer's vit_jax/models_vit.py as timm's `_load_weigh
 and transformers' modeling_vit.py), not produced by the code under test. Then: the code under
 test must write exactly that, read it back exactly, and the read tree must give the reference's
 logits in the target ecosystem's backend (torch for timm/HF, flax for big_vision/vit_jax).
+
+Long because the fixtures are the layouts written out literally, one per ecosystem, and the
+tests run over all of them; that table is the point of the module.
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ from hypothesis import strategies as st
 import vitspec
 from parity_tests.strategies import configs, random_images, random_params
 from parity_tests.tolerances import assert_close_f64
-from vitspec.app.convert import reading_flags
 from vitspec.config import ViTConfig
 from vitspec.formats import EXTERNAL, FormatError, load_any, save_any
+from vitspec.formats.inference import reading_flags
 from vitspec.params import param_shapes
 
 # Width 12 is no standard ViT width, so torch and HF files need heads=3 as a flag.
-SMALL = dict(image_size=(4, 6), patch_size=(2, 3), in_channels=3, width=12, depth=1, num_heads=3, mlp_dim=20,
-             num_classes=5)
+SMALL = dict(
+    image_size=(4, 6),
+    patch_size=(2, 3),
+    in_channels=3,
+    width=12,
+    depth=1,
+    num_heads=3,
+    mlp_dim=20,
+    num_classes=5,
+)
 QKV = ("query", "key", "value")
 
 
@@ -54,7 +65,8 @@ def timm_native(p):
         **linear(p, "blocks/0/attn/out", f"{b}.attn.proj"),
         f"{b}.ls1.gamma": p["blocks/0/ls1/scale"],
         **ln(p, "blocks/0/norm2", f"{b}.norm2"),
-        **linear(p, "blocks/0/mlp/fc1", f"{b}.mlp.fc1"), **linear(p, "blocks/0/mlp/fc2", f"{b}.mlp.fc2"),
+        **linear(p, "blocks/0/mlp/fc1", f"{b}.mlp.fc1"),
+        **linear(p, "blocks/0/mlp/fc2", f"{b}.mlp.fc2"),
         f"{b}.ls2.gamma": p["blocks/0/ls2/scale"],
         "attn_pool.latent": p["map_head/probe"].reshape(1, 1, 12),
         **linear(p, "map_head/attn/query", "attn_pool.q"),
@@ -92,7 +104,8 @@ def big_vision_native(p):
     """big_vision's own model: MAP head, posemb on the patches only, pre-logits."""
     b = "Transformer/encoderblock_0"
     return {
-        "embedding/kernel": p["patch_embed/kernel"], "embedding/bias": p["patch_embed/bias"],
+        "embedding/kernel": p["patch_embed/kernel"],
+        "embedding/bias": p["patch_embed/bias"],
         "pos_embedding": p["pos_embed"].reshape(1, 4, 12),
         **flax_ln(p, "blocks/0/norm1", f"{b}/LayerNorm_0"),
         **flax_attention(p, "blocks/0/attn", f"{b}/MultiHeadDotProductAttention_0"),
@@ -114,7 +127,8 @@ def vit_jax_native(p):
     """vision_transformer's i21k-style model: class token, posemb on it, pre-logits."""
     b = "Transformer/encoderblock_0"
     return {
-        "embedding/kernel": p["patch_embed/kernel"], "embedding/bias": p["patch_embed/bias"],
+        "embedding/kernel": p["patch_embed/kernel"],
+        "embedding/bias": p["patch_embed/bias"],
         "cls": p["cls_token"].reshape(1, 1, 12),
         "Transformer/posembed_input/pos_embedding": p["pos_embed"].reshape(1, 5, 12),
         **flax_ln(p, "blocks/0/norm1", f"{b}/LayerNorm_0"),
@@ -130,11 +144,24 @@ def vit_jax_native(p):
 
 # The blocks' names in transformers 4.x and in today's transformers (>= 5, read off 5.23.0).
 HF_BLOCK_NAMES = {
-    "hf4": {"layer": "encoder.layer.0", "query": "attention.attention.query", "key": "attention.attention.key",
-            "value": "attention.attention.value", "out": "attention.output.dense",
-            "fc1": "intermediate.dense", "fc2": "output.dense"},
-    "hf": {"layer": "layers.0", "query": "attention.q_proj", "key": "attention.k_proj",
-           "value": "attention.v_proj", "out": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+    "hf4": {
+        "layer": "encoder.layer.0",
+        "query": "attention.attention.query",
+        "key": "attention.attention.key",
+        "value": "attention.attention.value",
+        "out": "attention.output.dense",
+        "fc1": "intermediate.dense",
+        "fc2": "output.dense",
+    },
+    "hf": {
+        "layer": "layers.0",
+        "query": "attention.q_proj",
+        "key": "attention.k_proj",
+        "value": "attention.v_proj",
+        "out": "attention.o_proj",
+        "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+    },
 }
 
 
@@ -181,22 +208,71 @@ def save_safetensors(path, native):
 
 FIXTURES = {
     # name: (format, config overrides, native builder, writer, file name, flags for reading)
-    "timm, every knob": ("torch", dict(pool="map", class_token=False, num_registers=2, posemb_on_cls=False,
-                                       qk_norm=True, layer_scale=0.1, fc_norm=True, representation_size=7),
-                         timm_native, save_torch, "model.pth", dict(heads=3, image_size=SMALL["image_size"])),
-    "big_vision MAP": ("flax", dict(pool="map", class_token=False, posemb_on_cls=False, representation_size=7,
-                                    gelu="tanh"),
-                       big_vision_native, save_npz("params/"), "bv.npz", {}),
-    "vision_transformer i21k": ("vit_jax", dict(representation_size=7, gelu="tanh"),
-                                vit_jax_native, save_npz(""), "ViT-Ti_16.npz", {}),
-    "HF 4.x ViTForImageClassification": ("hf4", dict(ln_eps=1e-12), lambda p: hf_native(p, "vit."),
-                                         save_safetensors, "model.safetensors", dict(heads=3)),
-    "HF 4.x ViTModel with pooler": ("hf4", dict(ln_eps=1e-12, num_classes=0, representation_size=12),
-                                    lambda p: hf_native(p, ""), save_torch, "pytorch_model.bin", dict(heads=3)),
-    "HF ViTForImageClassification": ("hf", dict(ln_eps=1e-12), lambda p: hf_native(p, "vit.", "hf"),
-                                     save_safetensors, "model.safetensors", dict(heads=3)),
-    "HF ViTModel with pooler": ("hf", dict(ln_eps=1e-12, num_classes=0, representation_size=12),
-                                lambda p: hf_native(p, "", "hf"), save_torch, "pytorch_model.bin", dict(heads=3)),
+    "timm, every knob": (
+        "torch",
+        dict(
+            pool="map",
+            class_token=False,
+            num_registers=2,
+            posemb_on_cls=False,
+            qk_norm=True,
+            layer_scale=0.1,
+            fc_norm=True,
+            representation_size=7,
+        ),
+        timm_native,
+        save_torch,
+        "model.pth",
+        dict(heads=3, image_size=SMALL["image_size"]),
+    ),
+    "big_vision MAP": (
+        "flax",
+        dict(pool="map", class_token=False, posemb_on_cls=False, representation_size=7, gelu="tanh"),
+        big_vision_native,
+        save_npz("params/"),
+        "bv.npz",
+        {},
+    ),
+    "vision_transformer i21k": (
+        "vit_jax",
+        dict(representation_size=7, gelu="tanh"),
+        vit_jax_native,
+        save_npz(""),
+        "ViT-Ti_16.npz",
+        {},
+    ),
+    "HF 4.x ViTForImageClassification": (
+        "hf4",
+        dict(ln_eps=1e-12),
+        lambda p: hf_native(p, "vit."),
+        save_safetensors,
+        "model.safetensors",
+        dict(heads=3),
+    ),
+    "HF 4.x ViTModel with pooler": (
+        "hf4",
+        dict(ln_eps=1e-12, num_classes=0, representation_size=12),
+        lambda p: hf_native(p, ""),
+        save_torch,
+        "pytorch_model.bin",
+        dict(heads=3),
+    ),
+    "HF ViTForImageClassification": (
+        "hf",
+        dict(ln_eps=1e-12),
+        lambda p: hf_native(p, "vit.", "hf"),
+        save_safetensors,
+        "model.safetensors",
+        dict(heads=3),
+    ),
+    "HF ViTModel with pooler": (
+        "hf",
+        dict(ln_eps=1e-12, num_classes=0, representation_size=12),
+        lambda p: hf_native(p, "", "hf"),
+        save_torch,
+        "pytorch_model.bin",
+        dict(heads=3),
+    ),
 }
 
 
@@ -225,8 +301,11 @@ def flax_logits(fmt, cfg, params, native, images):
     from backends import flax_vit
 
     # big_vision trees load as they are: their paths are the module's own.
-    variables = ({"params": traverse_util.unflatten_dict(native, sep="/")} if fmt == "flax"
-                 else flax_vit.from_reference(params, cfg))
+    variables = (
+        {"params": traverse_util.unflatten_dict(native, sep="/")}
+        if fmt == "flax"
+        else flax_vit.from_reference(params, cfg)
+    )
     with jax.enable_x64(True):
         return np.asarray(flax_vit.VisionTransformer(config=cfg).apply(variables, images))
 
@@ -252,8 +331,11 @@ def test_written_out_fixture_converts_exactly(name, tmp_path):
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
 
     images = random_images(cfg, 2, 1)
-    assert_close_f64({"logits": backend_logits(fmt, loaded_cfg, loaded, native, images)},
-                     {"logits": vitspec.forward(cfg, params, images)}, "forward")
+    assert_close_f64(
+        {"logits": backend_logits(fmt, loaded_cfg, loaded, native, images)},
+        {"logits": vitspec.forward(cfg, params, images)},
+        "forward",
+    )
 
 
 def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
@@ -261,18 +343,41 @@ def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
     if fmt == "vit_jax":
         pool = "token" if cfg.pool == "map" else cfg.pool
         class_token = pool == "token" or (pool == "none" and cfg.class_token)
-        return cfg.replace(num_registers=0, pool=pool, class_token=class_token, posemb="learned",
-                           posemb_on_cls=True, qkv_bias=True, qk_norm=False, layer_scale=None, fc_norm=False)
+        return cfg.replace(
+            num_registers=0,
+            pool=pool,
+            class_token=class_token,
+            posemb="learned",
+            posemb_on_cls=True,
+            qkv_bias=True,
+            qk_norm=False,
+            layer_scale=None,
+            fc_norm=False,
+        )
     if fmt in ("hf", "hf4"):
         pooler = cfg.representation_size is not None and cfg.num_classes == 0
-        return cfg.replace(pool="token", class_token=True, num_registers=0, posemb="learned",
-                           posemb_on_cls=True, qk_norm=False, layer_scale=None, fc_norm=False,
-                           representation_size=cfg.width if pooler else None)
+        return cfg.replace(
+            pool="token",
+            class_token=True,
+            num_registers=0,
+            posemb="learned",
+            posemb_on_cls=True,
+            qk_norm=False,
+            layer_scale=None,
+            fc_norm=False,
+            representation_size=cfg.width if pooler else None,
+        )
     return cfg
 
 
-SUFFIX = {"ref": ".npz", "torch": ".pt", "flax": ".msgpack", "vit_jax": ".npz", "hf": ".safetensors",
-          "hf4": ".safetensors"}
+SUFFIX = {
+    "ref": ".npz",
+    "torch": ".pt",
+    "flax": ".msgpack",
+    "vit_jax": ".npz",
+    "hf": ".safetensors",
+    "hf4": ".safetensors",
+}
 
 
 @pytest.mark.parametrize("fmt", sorted(EXTERNAL))
@@ -299,8 +404,9 @@ def test_file_round_trip_gives_back_the_model(tmp_path_factory, fmt, cfg):
     for key, value in params.items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
     images = random_images(cfg, 1, 0)
-    np.testing.assert_array_equal(vitspec.forward(loaded_cfg, loaded, images),
-                                  vitspec.forward(cfg, params, images))
+    np.testing.assert_array_equal(
+        vitspec.forward(loaded_cfg, loaded, images), vitspec.forward(cfg, params, images)
+    )
 
 
 REFUSALS = [
@@ -362,8 +468,16 @@ def test_backends_write_the_same_trees_as_the_formats(cfg):
 
 
 def test_either_transformers_naming_reads_as_the_other():
-    cfg = ViTConfig(image_size=(4, 4), patch_size=2, width=12, depth=1, num_heads=3, mlp_dim=8, num_classes=3,
-                    ln_eps=1e-12)
+    cfg = ViTConfig(
+        image_size=(4, 4),
+        patch_size=2,
+        width=12,
+        depth=1,
+        num_heads=3,
+        mlp_dim=8,
+        num_classes=3,
+        ln_eps=1e-12,
+    )
     params = random_params(cfg, 0)
     today, old = EXTERNAL["hf"], EXTERNAL["hf4"]
     for writer, reader in ((today, old), (old, today)):

@@ -21,15 +21,21 @@ NAMES = {SPEC: "the spec", FORMATS: "files and formats", BACKENDS: "backends", A
 ENTRY_POINTS = {"vitspec/convert.py", "vitspec/evaluate.py", "vitspec/datasets.py"}
 # The one upward name the package's face offers: `vitspec.convert`, an application (its --check runs
 # a backend), imported on first use by a module __getattr__ so `import vitspec` stays framework-free.
-LAZY_EXPORTS = {("vitspec/__init__.py", "vitspec.app.convert"), ("vitspec/__init__.py", "vitspec.app.convert.convert")}
+LAZY_EXPORTS = {
+    ("vitspec/__init__.py", "vitspec.app.convert"),
+    ("vitspec/__init__.py", "vitspec.app.convert.convert"),
+}
 
 
 def layer_of_module(name: str) -> int | None:
     """Layer of a dotted module name of this project, None for anything else."""
     parts = name.split(".")
     if parts[0] == "vitspec":
-        if len(parts) > 1 and parts[1] == "app" or name in ("vitspec.convert", "vitspec.evaluate",
-                                                              "vitspec.datasets", "vitspec.__main__"):
+        if (
+            len(parts) > 1
+            and parts[1] == "app"
+            or name in ("vitspec.convert", "vitspec.evaluate", "vitspec.datasets", "vitspec.__main__")
+        ):
             return APPS
         if len(parts) > 1 and parts[1] == "formats":
             return FORMATS
@@ -51,8 +57,12 @@ def layer_of_file(path: Path) -> int:
 
 
 def _is_main_guard(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 def imports(tree: ast.AST, under_main: bool = False):

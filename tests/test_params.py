@@ -9,7 +9,11 @@ from vitspec import ParamTreeError
 
 def test_init_is_deterministic_per_seed_and_name():
     cfg = vitspec.variant("cifar-notebook")
-    a, b, c = vitspec.init_params(cfg, seed=0), vitspec.init_params(cfg, seed=0), vitspec.init_params(cfg, seed=1)
+    a, b, c = (
+        vitspec.init_params(cfg, seed=0),
+        vitspec.init_params(cfg, seed=0),
+        vitspec.init_params(cfg, seed=1),
+    )
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["blocks/0/mlp/fc1/kernel"], c["blocks/0/mlp/fc1/kernel"])
     # Adding a knob's parameter leaves every other parameter as it was.
@@ -18,8 +22,9 @@ def test_init_is_deterministic_per_seed_and_name():
 
 
 def test_init_follows_the_scheme():
-    cfg = vitspec.variant("B/16", num_registers=4, pool="map", class_token=True, representation_size=768,
-                          layer_scale=0.1)
+    cfg = vitspec.variant(
+        "B/16", num_registers=4, pool="map", class_token=True, representation_size=768, layer_scale=0.1
+    )
     p = vitspec.init_params(cfg, seed=0)
     assert all(v.dtype == np.float32 for v in p.values())
     limit = np.sqrt(6 / (768 + 3072))
@@ -57,15 +62,21 @@ def test_validation_lists_every_problem_at_once():
 
 def test_knobs_add_exactly_their_parameters():
     base = set(vitspec.param_shapes(vitspec.variant("Ti/16", depth=1)))
+
     def added(**kw):
         return set(vitspec.param_shapes(vitspec.variant("Ti/16", depth=1, **kw))) - base
+
     assert added(qk_norm=True) == {f"blocks/0/attn/{n}_norm/{p}" for n in "qk" for p in ("scale", "bias")}
     assert added(layer_scale=1e-5) == {"blocks/0/ls1/scale", "blocks/0/ls2/scale"}
     assert added(num_registers=4) == {"reg_tokens"}
     assert added(representation_size=10) == {"pre_logits/kernel", "pre_logits/bias"}
     assert added(fc_norm=True) == {"fc_norm/scale", "fc_norm/bias"}
     assert set(vitspec.param_shapes(vitspec.variant("Ti/16", depth=1, fc_norm=True))).isdisjoint(
-        {"norm/scale", "norm/bias"})
+        {"norm/scale", "norm/bias"}
+    )
     assert base - set(vitspec.param_shapes(vitspec.variant("Ti/16", depth=1, qkv_bias=False))) == {
-        f"blocks/0/attn/{n}/bias" for n in ("query", "key", "value")}
-    assert "pos_embed" not in vitspec.param_shapes(vitspec.variant("Ti/16", posemb="sincos2d", posemb_on_cls=False))
+        f"blocks/0/attn/{n}/bias" for n in ("query", "key", "value")
+    }
+    assert "pos_embed" not in vitspec.param_shapes(
+        vitspec.variant("Ti/16", posemb="sincos2d", posemb_on_cls=False)
+    )

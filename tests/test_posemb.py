@@ -50,18 +50,29 @@ def test_shape_that_does_not_match_the_grid_is_refused():
         resample_posemb(np.zeros((6, 4)), (2, 2), (3, 3), num_prefix=1)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(pool="token"),
-    dict(pool="token", num_registers=2, posemb_on_cls=False),
-    dict(pool="gap", class_token=False),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(pool="token"),
+        dict(pool="token", num_registers=2, posemb_on_cls=False),
+        dict(pool="gap", class_token=False),
+    ],
+)
 def test_resampled_model_runs_in_both_backends_and_they_agree(overrides):
     torch_vit = pytest.importorskip("backends.torch_vit")
     flax_vit = pytest.importorskip("backends.flax_vit")
     import jax
 
-    cfg = ViTConfig(image_size=(4, 6), patch_size=2, width=12, depth=1, num_heads=3, mlp_dim=20,
-                    num_classes=5, **overrides)
+    cfg = ViTConfig(
+        image_size=(4, 6),
+        patch_size=2,
+        width=12,
+        depth=1,
+        num_heads=3,
+        mlp_dim=20,
+        num_classes=5,
+        **overrides,
+    )
     new_cfg, params = resample(cfg, random_params(cfg, 0), (10, 8))
     assert new_cfg.grid_size == (5, 4)
     images = random_images(new_cfg, 2, 0)
@@ -72,7 +83,8 @@ def test_resampled_model_runs_in_both_backends_and_they_agree(overrides):
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     with jax.enable_x64(True):
-        flax_logits = np.asarray(flax_vit.VisionTransformer(config=new_cfg).apply(
-            flax_vit.from_reference(params, new_cfg), images))
+        flax_logits = np.asarray(
+            flax_vit.VisionTransformer(config=new_cfg).apply(flax_vit.from_reference(params, new_cfg), images)
+        )
     assert_close_f64({"logits": torch_logits}, expected, "forward")
     assert_close_f64({"logits": flax_logits}, expected, "forward")

@@ -12,8 +12,8 @@ from vitspec.recipe import AdamState, Recipe, adamw_step, clip_scale, decays, gl
 def test_warmup_then_cosine():
     r = Recipe(base_lr=1.0, warmup_steps=4, total_steps=12)
     assert [learning_rate(s, r) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert learning_rate(4, r) == 1.0                       # the cosine starts at the peak
-    assert learning_rate(8, r) == pytest.approx(0.5)        # halfway through the 8 decay steps
+    assert learning_rate(4, r) == 1.0  # the cosine starts at the peak
+    assert learning_rate(8, r) == pytest.approx(0.5)  # halfway through the 8 decay steps
     assert learning_rate(11, r) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     assert learning_rate(12, r) == pytest.approx(0.0, abs=1e-16)
     assert learning_rate(0, Recipe(base_lr=2.0, total_steps=3)) == 2.0  # no warmup
@@ -21,18 +21,34 @@ def test_warmup_then_cosine():
 
 def test_clip_is_optax_formula_not_torch():
     assert clip_scale(0.5, 1.0) == 1.0 and clip_scale(1.0, 1.0) == 1.0
-    assert clip_scale(4.0, 1.0) == 0.25                     # torch would give 1 / (4 + 1e-6)
+    assert clip_scale(4.0, 1.0) == 0.25  # torch would give 1 / (4 + 1e-6)
     assert clip_scale(4.0, None) == 1.0
     assert global_norm({"a": np.array([3.0]), "b": np.array([[4.0]])}) == 5.0
 
 
 def test_decay_mask_by_reference_names():
-    cfg = vitspec.variant("Ti/16", depth=1, num_registers=2, pool="map", class_token=True, layer_scale=0.1,
-                          qk_norm=True, representation_size=8)
+    cfg = vitspec.variant(
+        "Ti/16",
+        depth=1,
+        num_registers=2,
+        pool="map",
+        class_token=True,
+        layer_scale=0.1,
+        qk_norm=True,
+        representation_size=8,
+    )
     decayed = {n for n in vitspec.param_shapes(cfg) if decays(n)}
     assert decayed == {n for n in vitspec.param_shapes(cfg) if n.endswith("/kernel")}
-    for name in ("cls_token", "reg_tokens", "pos_embed", "map_head/probe", "blocks/0/ls1/scale",
-                 "blocks/0/attn/q_norm/scale", "blocks/0/norm1/bias", "head/bias"):
+    for name in (
+        "cls_token",
+        "reg_tokens",
+        "pos_embed",
+        "map_head/probe",
+        "blocks/0/ls1/scale",
+        "blocks/0/attn/q_norm/scale",
+        "blocks/0/norm1/bias",
+        "head/bias",
+    ):
         assert not decays(name), name
 
 
@@ -43,7 +59,7 @@ def test_adamw_step_by_hand():
     grads = {"w/kernel": np.array([-3.0]), "w/bias": np.array([-3.0])}
     new, state = adamw_step(params, grads, AdamState.zeros_like(params), r)
     assert new["w/kernel"][0] == pytest.approx(2.0 - 0.1 * (-1.0 + 0.5 * 2.0))  # decayed
-    assert new["w/bias"][0] == pytest.approx(2.0 - 0.1 * -1.0)                  # not decayed
+    assert new["w/bias"][0] == pytest.approx(2.0 - 0.1 * -1.0)  # not decayed
     assert state.step == 1 and state.mu["w/bias"][0] == pytest.approx(-0.3)
 
 
@@ -77,4 +93,6 @@ def test_clip_scale_on_a_device_scalar_is_the_host_formula():
     import torch
 
     for norm in (0.5, 1.0, 4.0):
-        assert float(clip_scale(torch.tensor(norm, dtype=torch.float64), 1.0, torch.where)) == clip_scale(norm, 1.0)
+        assert float(clip_scale(torch.tensor(norm, dtype=torch.float64), 1.0, torch.where)) == clip_scale(
+            norm, 1.0
+        )

@@ -16,8 +16,20 @@ from vitspec import reference as ref
 def test_one_token_model_worked_by_hand():
     # 1x1 image of one channel, pixel 1 -> one token; width 2, one head, MLP width 1, exact GELU.
     eps = 1e-6
-    cfg = vitspec.ViTConfig(image_size=1, patch_size=1, in_channels=1, width=2, depth=1, num_heads=1,
-                            mlp_dim=1, num_classes=2, pool="gap", qkv_bias=False, posemb="none", ln_eps=eps)
+    cfg = vitspec.ViTConfig(
+        image_size=1,
+        patch_size=1,
+        in_channels=1,
+        width=2,
+        depth=1,
+        num_heads=1,
+        mlp_dim=1,
+        num_classes=2,
+        pool="gap",
+        qkv_bias=False,
+        posemb="none",
+        ln_eps=eps,
+    )
     p = {k: np.zeros(s) for k, s in vitspec.param_shapes(cfg).items()}
     p["patch_embed/kernel"][...] = np.array([1.0, 3.0]).reshape(1, 1, 1, 2)
     for ln in ("blocks/0/norm1", "blocks/0/norm2", "norm"):
@@ -34,13 +46,13 @@ def test_one_token_model_worked_by_hand():
     # token [1, 3]; LN1 -> [-e, e]; one token attends to itself with probability 1, so the
     # attention is v @ W_out + b_out = [1 - 2e, e]; residual -> [2 - 2e, 3 + e].
     e = 1 / math.sqrt(1 + eps)
-    half_gap = (1 + 3 * e) / 2                          # LN2 of [2 - 2e, 3 + e] is [-w, w]
+    half_gap = (1 + 3 * e) / 2  # LN2 of [2 - 2e, 3 + e] is [-w, w]
     w = half_gap / math.sqrt(half_gap**2 + eps)
-    z = w + 0.5                                         # fc1 reads the second entry, adds 0.5
-    gelu = 0.5 * z * (1 + math.erf(z / math.sqrt(2)))   # exact GELU
-    x2 = (2 - 2 * e + gelu, 3 + e - gelu)               # fc2 writes [gelu, -gelu]
+    z = w + 0.5  # fc1 reads the second entry, adds 0.5
+    gelu = 0.5 * z * (1 + math.erf(z / math.sqrt(2)))  # exact GELU
+    x2 = (2 - 2 * e + gelu, 3 + e - gelu)  # fc2 writes [gelu, -gelu]
     d = (x2[0] - x2[1]) / 2
-    n = d / math.sqrt(d * d + eps)                      # final LN -> [n, -n]; gap of one token
+    n = d / math.sqrt(d * d + eps)  # final LN -> [n, -n]; gap of one token
     expected = np.array([[n, -2 * n + 1]])
 
     out = vitspec.forward(cfg, p, np.ones((1, 1, 1, 1)), intermediates=True, attention_maps=True)
@@ -63,10 +75,13 @@ def test_sincos2d_is_big_vision_formula():
     # Grid 1 x 2, width 8: omega = 1 / 10000 ** [0, 1] = [1, 1e-4]; rows are [sin x, cos x, sin y, cos y].
     table = ref.posemb_sincos2d(1, 2, 8)
     np.testing.assert_array_equal(table[0], [0, 0, 1, 1, 0, 0, 1, 1])
-    np.testing.assert_allclose(table[1], [math.sin(1), math.sin(1e-4), math.cos(1), math.cos(1e-4), 0, 0, 1, 1],
-                               rtol=1e-15)
+    np.testing.assert_allclose(
+        table[1], [math.sin(1), math.sin(1e-4), math.cos(1), math.cos(1e-4), 0, 0, 1, 1], rtol=1e-15
+    )
     # Row-major: position (y=1, x=0) of a 2 x 3 grid is row 3.
-    np.testing.assert_allclose(ref.posemb_sincos2d(2, 3, 8)[3, 4:6], [math.sin(1), math.sin(1e-4)], rtol=1e-15)
+    np.testing.assert_allclose(
+        ref.posemb_sincos2d(2, 3, 8)[3, 4:6], [math.sin(1), math.sin(1e-4)], rtol=1e-15
+    )
 
 
 @given(cfg=configs(), seed=st.integers(0, 2**16))
@@ -75,8 +90,9 @@ def test_each_image_of_a_batch_is_computed_alone(cfg, seed):
     images = random_images(cfg, 3, seed)
     batched = vitspec.forward(cfg, params, images)
     for i in range(3):
-        np.testing.assert_allclose(batched[i], vitspec.forward(cfg, params, images[i:i + 1])[0],
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            batched[i], vitspec.forward(cfg, params, images[i : i + 1])[0], rtol=1e-12, atol=1e-14
+        )
 
 
 def _permute_patches(images, cfg, order):
@@ -93,13 +109,27 @@ def test_without_posemb_gap_is_invariant_to_patch_order(cfg, seed):
     params = random_params(cfg, seed)
     images = random_images(cfg, 2, seed)
     order = np.random.default_rng(seed).permutation(cfg.num_patches)
-    np.testing.assert_allclose(vitspec.forward(cfg, params, _permute_patches(images, cfg, order)),
-                               vitspec.forward(cfg, params, images), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        vitspec.forward(cfg, params, _permute_patches(images, cfg, order)),
+        vitspec.forward(cfg, params, images),
+        rtol=1e-12,
+        atol=1e-13,
+    )
 
 
 def test_with_posemb_patch_order_matters():
-    cfg = vitspec.ViTConfig(image_size=4, patch_size=2, width=8, depth=1, num_heads=2, mlp_dim=8,
-                            num_classes=3, pool="gap", posemb="sincos2d", posemb_on_cls=False)
+    cfg = vitspec.ViTConfig(
+        image_size=4,
+        patch_size=2,
+        width=8,
+        depth=1,
+        num_heads=2,
+        mlp_dim=8,
+        num_classes=3,
+        pool="gap",
+        posemb="sincos2d",
+        posemb_on_cls=False,
+    )
     params = random_params(cfg, 0)
     images = random_images(cfg, 1, 0)
     permuted = _permute_patches(images, cfg, np.array([1, 0, 2, 3]))
@@ -165,7 +195,9 @@ def test_gelu_kinds_differ_and_are_each_exact():
 def test_images_are_checked():
     cfg = vitspec.variant("Ti/16", image_size=32, depth=1)
     params = vitspec.init_params(cfg)
-    with pytest.raises(ValueError, match=r"images have shape \(1, 3, 32, 32\); the config expects \[N, 32, 32, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"images have shape \(1, 3, 32, 32\); the config expects \[N, 32, 32, 3\]"
+    ):
         vitspec.forward(cfg, params, np.zeros((1, 3, 32, 32), np.float32))
     with pytest.raises(ValueError, match="images have dtype uint8"):
         vitspec.forward(cfg, params, np.zeros((1, 32, 32, 3), np.uint8))

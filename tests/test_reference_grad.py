@@ -10,8 +10,12 @@ from parity_tests.strategies import configs, random_images, random_params
 from vitspec.gradcheck import REL_BOUND, fd_errors
 
 
-@given(cfg=configs(allow_none_pool=False), seed=st.integers(0, 2**16), batch=st.integers(1, 3),
-       label_smoothing=st.sampled_from([0.0, 0.1]))
+@given(
+    cfg=configs(allow_none_pool=False),
+    seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+)
 def test_loss_gradients_match_finite_differences(cfg, seed, batch, label_smoothing):
     if not cfg.num_classes:
         cfg = cfg.replace(num_classes=3)

@@ -9,8 +9,11 @@ SPEC = (Path(__file__).resolve().parents[1] / "SPEC.md").read_text()
 
 
 def _rows(first_cell_pattern: str, text: str = SPEC) -> list[list[str]]:
-    return [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if re.match(rf"^\| {first_cell_pattern} \|", line)]
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if re.match(rf"^\| {first_cell_pattern} \|", line)
+    ]
 
 
 def test_variant_table_matches_the_code():
@@ -19,7 +22,9 @@ def test_variant_table_matches_the_code():
     for size, width, depth, mlp, heads, count in rows:
         patch = 14 if "/14" in count else 16
         cfg = vitspec.variant(f"{size}/{patch}")
-        assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads) == tuple(map(int, (width, depth, mlp, heads)))
+        assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads) == tuple(
+            map(int, (width, depth, mlp, heads))
+        )
         assert vitspec.num_params(cfg) == int(count.split()[0].replace(",", ""))
 
 
@@ -29,8 +34,14 @@ def test_preset_table_matches_the_code():
     assert set(presets) == set(vitspec.PRESETS)
     for name, (_, image, channels, width, depth, heads, mlp, count) in presets.items():
         cfg = vitspec.variant(name)
-        assert (cfg.image_size[0], cfg.in_channels, cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim) == tuple(
-            map(int, (image, channels, width, depth, heads, mlp))), name
+        assert (
+            cfg.image_size[0],
+            cfg.in_channels,
+            cfg.width,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.mlp_dim,
+        ) == tuple(map(int, (image, channels, width, depth, heads, mlp))), name
         assert vitspec.num_params(cfg) == int(count.replace(",", "")), name
 
 
@@ -39,7 +50,9 @@ def _expand(pattern: str) -> list[str]:
     m = re.search(r"\{([a-z0-9_]+,[a-z0-9_,]+)\}", pattern)
     if not m:
         return [pattern]
-    return [e for alt in m.group(1).split(",") for e in _expand(pattern[:m.start()] + alt + pattern[m.end():])]
+    return [
+        e for alt in m.group(1).split(",") for e in _expand(pattern[: m.start()] + alt + pattern[m.end() :])
+    ]
 
 
 def _documented_names() -> list[str]:
@@ -56,24 +69,38 @@ def _documented_names() -> list[str]:
 
 
 def test_every_parameter_name_is_in_the_parameter_table():
-    cfg = vitspec.variant("Ti/16", depth=2, num_registers=1, pool="map", class_token=True, qk_norm=True,
-                          layer_scale=0.1, representation_size=8, fc_norm=True)
+    cfg = vitspec.variant(
+        "Ti/16",
+        depth=2,
+        num_registers=1,
+        pool="map",
+        class_token=True,
+        qk_norm=True,
+        layer_scale=0.1,
+        representation_size=8,
+        fc_norm=True,
+    )
     documented = _documented_names()
     for name in vitspec.param_shapes(cfg):
         generic = re.sub(r"blocks/\d+", "blocks/{i}", name)
         owner = generic.rsplit("/", 1)[0]
-        assert any(d in (generic, owner) or (d.endswith("/") and generic.startswith(d)) for d in documented), (
-            f"{generic} is not in SPEC.md's parameter table")
+        assert any(
+            d in (generic, owner) or (d.endswith("/") and generic.startswith(d)) for d in documented
+        ), f"{generic} is not in SPEC.md's parameter table"
 
 
 def test_tolerance_table_matches_the_code():
     from parity_tests.tolerances import TOLERANCES
 
     rows = _rows(r"(float64|float32|bfloat16)", SPEC.split("## 9. Tolerances")[1])
-    documented = {(dtype, "grad" if quantity == "gradients" else quantity): bound
-                  for dtype, quantity, bound, _ in rows}
-    expected = {(dtype, kind): (f"rel {tol['rel']:g}" if "rel" in tol else f"k = {tol['k']:g}")
-                for dtype, kinds in TOLERANCES.items() for kind, tol in kinds.items()}
+    documented = {
+        (dtype, "grad" if quantity == "gradients" else quantity): bound for dtype, quantity, bound, _ in rows
+    }
+    expected = {
+        (dtype, kind): (f"rel {tol['rel']:g}" if "rel" in tol else f"k = {tol['k']:g}")
+        for dtype, kinds in TOLERANCES.items()
+        for kind, tol in kinds.items()
+    }
     assert documented == expected
 
 

@@ -19,17 +19,31 @@ from parity_tests.strategies import random_params
 from vitspec.config import ViTConfig
 from vitspec.params import init_params
 
-SMALL = dict(image_size=(4, 6), patch_size=(2, 3), in_channels=3, width=12, depth=1, num_heads=3,
-             mlp_dim=20, num_classes=5)
+SMALL = dict(
+    image_size=(4, 6),
+    patch_size=(2, 3),
+    in_channels=3,
+    width=12,
+    depth=1,
+    num_heads=3,
+    mlp_dim=20,
+    num_classes=5,
+)
 
 PATCH_EMBED = {"patch_embed.proj.weight": (12, 3, 2, 3), "patch_embed.proj.bias": (12,)}
 BLOCK_0 = {
-    "blocks.0.norm1.weight": (12,), "blocks.0.norm1.bias": (12,),
-    "blocks.0.attn.qkv.weight": (36, 12), "blocks.0.attn.qkv.bias": (36,),
-    "blocks.0.attn.proj.weight": (12, 12), "blocks.0.attn.proj.bias": (12,),
-    "blocks.0.norm2.weight": (12,), "blocks.0.norm2.bias": (12,),
-    "blocks.0.mlp.fc1.weight": (20, 12), "blocks.0.mlp.fc1.bias": (20,),
-    "blocks.0.mlp.fc2.weight": (12, 20), "blocks.0.mlp.fc2.bias": (12,),
+    "blocks.0.norm1.weight": (12,),
+    "blocks.0.norm1.bias": (12,),
+    "blocks.0.attn.qkv.weight": (36, 12),
+    "blocks.0.attn.qkv.bias": (36,),
+    "blocks.0.attn.proj.weight": (12, 12),
+    "blocks.0.attn.proj.bias": (12,),
+    "blocks.0.norm2.weight": (12,),
+    "blocks.0.norm2.bias": (12,),
+    "blocks.0.mlp.fc1.weight": (20, 12),
+    "blocks.0.mlp.fc1.bias": (20,),
+    "blocks.0.mlp.fc2.weight": (12, 20),
+    "blocks.0.mlp.fc2.bias": (12,),
 }
 NORM = {"norm.weight": (12,), "norm.bias": (12,)}
 HEAD = {"head.weight": (5, 12), "head.bias": (5,)}
@@ -41,39 +55,79 @@ EXPECTED_STATE_DICTS = {
     ),
     "gap + fc_norm, no class token": (
         dict(pool="gap", class_token=False, fc_norm=True),
-        {"pos_embed": (1, 4, 12), **PATCH_EMBED, **BLOCK_0, "fc_norm.weight": (12,), "fc_norm.bias": (12,),
-         **HEAD},
+        {
+            "pos_embed": (1, 4, 12),
+            **PATCH_EMBED,
+            **BLOCK_0,
+            "fc_norm.weight": (12,),
+            "fc_norm.bias": (12,),
+            **HEAD,
+        },
     ),
     "map": (
         dict(pool="map", class_token=False),
-        {"pos_embed": (1, 4, 12), **PATCH_EMBED, **BLOCK_0, **NORM,
-         "attn_pool.latent": (1, 1, 12),
-         "attn_pool.q.weight": (12, 12), "attn_pool.q.bias": (12,),
-         "attn_pool.kv.weight": (24, 12), "attn_pool.kv.bias": (24,),
-         "attn_pool.proj.weight": (12, 12), "attn_pool.proj.bias": (12,),
-         "attn_pool.norm.weight": (12,), "attn_pool.norm.bias": (12,),
-         "attn_pool.mlp.fc1.weight": (20, 12), "attn_pool.mlp.fc1.bias": (20,),
-         "attn_pool.mlp.fc2.weight": (12, 20), "attn_pool.mlp.fc2.bias": (12,),
-         **HEAD},
+        {
+            "pos_embed": (1, 4, 12),
+            **PATCH_EMBED,
+            **BLOCK_0,
+            **NORM,
+            "attn_pool.latent": (1, 1, 12),
+            "attn_pool.q.weight": (12, 12),
+            "attn_pool.q.bias": (12,),
+            "attn_pool.kv.weight": (24, 12),
+            "attn_pool.kv.bias": (24,),
+            "attn_pool.proj.weight": (12, 12),
+            "attn_pool.proj.bias": (12,),
+            "attn_pool.norm.weight": (12,),
+            "attn_pool.norm.bias": (12,),
+            "attn_pool.mlp.fc1.weight": (20, 12),
+            "attn_pool.mlp.fc1.bias": (20,),
+            "attn_pool.mlp.fc2.weight": (12, 20),
+            "attn_pool.mlp.fc2.bias": (12,),
+            **HEAD,
+        },
     ),
     "registers + layer scale + qk norm (posemb on patches only)": (
         dict(pool="token", num_registers=2, layer_scale=0.1, qk_norm=True, posemb_on_cls=False),
-        {"cls_token": (1, 1, 12), "reg_token": (1, 2, 12), "pos_embed": (1, 4, 12), **PATCH_EMBED, **BLOCK_0,
-         "blocks.0.attn.q_norm.weight": (4,), "blocks.0.attn.q_norm.bias": (4,),
-         "blocks.0.attn.k_norm.weight": (4,), "blocks.0.attn.k_norm.bias": (4,),
-         "blocks.0.ls1.gamma": (12,), "blocks.0.ls2.gamma": (12,),
-         **NORM, **HEAD},
+        {
+            "cls_token": (1, 1, 12),
+            "reg_token": (1, 2, 12),
+            "pos_embed": (1, 4, 12),
+            **PATCH_EMBED,
+            **BLOCK_0,
+            "blocks.0.attn.q_norm.weight": (4,),
+            "blocks.0.attn.q_norm.bias": (4,),
+            "blocks.0.attn.k_norm.weight": (4,),
+            "blocks.0.attn.k_norm.bias": (4,),
+            "blocks.0.ls1.gamma": (12,),
+            "blocks.0.ls2.gamma": (12,),
+            **NORM,
+            **HEAD,
+        },
     ),
     "no qkv bias": (
         dict(pool="token", qkv_bias=False),
-        {"cls_token": (1, 1, 12), "pos_embed": (1, 5, 12), **PATCH_EMBED,
-         **{k: v for k, v in BLOCK_0.items() if k != "blocks.0.attn.qkv.bias"}, **NORM, **HEAD},
+        {
+            "cls_token": (1, 1, 12),
+            "pos_embed": (1, 5, 12),
+            **PATCH_EMBED,
+            **{k: v for k, v in BLOCK_0.items() if k != "blocks.0.attn.qkv.bias"},
+            **NORM,
+            **HEAD,
+        },
     ),
     # Not expressible in timm: vitspec's names in timm's style (see backends/torch_vit/model.py).
     "sincos2d posemb (a buffer, not saved) + pre-logits": (
         dict(pool="gap", class_token=False, posemb="sincos2d", posemb_on_cls=False, representation_size=7),
-        {**PATCH_EMBED, **BLOCK_0, **NORM, "pre_logits.fc.weight": (7, 12), "pre_logits.fc.bias": (7,),
-         "head.weight": (5, 7), "head.bias": (5,)},
+        {
+            **PATCH_EMBED,
+            **BLOCK_0,
+            **NORM,
+            "pre_logits.fc.weight": (7, 12),
+            "pre_logits.fc.bias": (7,),
+            "head.weight": (5, 7),
+            "head.bias": (5,),
+        },
     ),
 }
 
@@ -99,7 +153,8 @@ def test_qkv_rows_are_query_key_value_transposed():
         else:
             np.testing.assert_array_equal(state_dict[f"{timm}.weight"].numpy(), np.concatenate(parts))
     np.testing.assert_array_equal(
-        state_dict["patch_embed.proj.weight"].numpy(), params["patch_embed/kernel"].transpose(3, 2, 0, 1))
+        state_dict["patch_embed.proj.weight"].numpy(), params["patch_embed/kernel"].transpose(3, 2, 0, 1)
+    )
 
 
 def test_model_starts_at_the_reference_init():

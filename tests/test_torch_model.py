@@ -16,8 +16,16 @@ from backends.torch_vit.model import Attention, DropPath, Mlp
 from parity_tests.strategies import configs, random_images, random_params
 from vitspec.config import ViTConfig
 
-SMALL = dict(image_size=(4, 6), patch_size=(2, 3), in_channels=3, width=12, depth=2, num_heads=3,
-             mlp_dim=20, num_classes=5)
+SMALL = dict(
+    image_size=(4, 6),
+    patch_size=(2, 3),
+    in_channels=3,
+    width=12,
+    depth=2,
+    num_heads=3,
+    mlp_dim=20,
+    num_classes=5,
+)
 RATES = dict(dropout=0.2, attention_dropout=0.3, stochastic_depth=0.4)
 NO_RATES = dict(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)
 # Sample means of a dropout path must land within this many standard errors of the eval value.
@@ -110,8 +118,9 @@ def test_stochastic_depth_rate_is_linear_over_depth():
 
 @pytest.mark.parametrize("pool", ["token", "map"])
 def test_train_mode_gradients_flow(pool):
-    cfg = ViTConfig(**SMALL, **RATES, pool=pool, num_registers=1, qk_norm=True, layer_scale=0.1,
-                    representation_size=7)
+    cfg = ViTConfig(
+        **SMALL, **RATES, pool=pool, num_registers=1, qk_norm=True, layer_scale=0.1, representation_size=7
+    )
     model = loaded_model(cfg).train()
     images = nchw_images(cfg, 4).requires_grad_(True)
     torch.manual_seed(0)
@@ -134,12 +143,25 @@ def fresh_dynamo():
 
 
 def compile_cases():
-    cfg = ViTConfig(**SMALL, pool="map", num_registers=1, qk_norm=True, layer_scale=0.1, posemb="sincos2d",
-                    posemb_on_cls=False, **RATES)
+    cfg = ViTConfig(
+        **SMALL,
+        pool="map",
+        num_registers=1,
+        qk_norm=True,
+        layer_scale=0.1,
+        posemb="sincos2d",
+        posemb_on_cls=False,
+        **RATES,
+    )
     return loaded_model(cfg).float(), nchw_images(cfg, 2).float()
 
 
-FLAGS = [{}, {"intermediates": True}, {"attention_maps": True}, {"intermediates": True, "attention_maps": True}]
+FLAGS = [
+    {},
+    {"intermediates": True},
+    {"attention_maps": True},
+    {"intermediates": True, "attention_maps": True},
+]
 
 
 @pytest.mark.parametrize("flags", FLAGS)
@@ -187,8 +209,16 @@ def test_wrong_image_shape_is_named():
 def test_bfloat16_autocast_patch_embedding_is_right_where_onednn_conv_is_not():
     # torch 2.13's CPU bfloat16 conv gives wrong values (NaN included) for this shape: the reason
     # PatchEmbed applies its conv weight as a matmul.
-    cfg = ViTConfig(image_size=(2, 2), patch_size=(1, 2), in_channels=1, width=24, depth=1, num_heads=2,
-                    mlp_dim=32, num_classes=5)
+    cfg = ViTConfig(
+        image_size=(2, 2),
+        patch_size=(1, 2),
+        in_channels=1,
+        width=24,
+        depth=1,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=5,
+    )
     model = VisionTransformer(cfg).eval()
     images = nchw_images(cfg, 3).float()
     with torch.no_grad():

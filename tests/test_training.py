@@ -55,8 +55,17 @@ def write_fashion_mnist(directory: Path, train: int, test: int) -> None:
 
 
 def config(data_dir: Path, **changes) -> TrainConfig:
-    settings = dict(dataset="fashion-mnist", model="fmnist-tiny", model_overrides=TINY_MODEL, data_dir=data_dir,
-                    validation_size=16, batch_size=16, epochs=2, warmup_epochs=1, eval_batch_size=8)
+    settings = dict(
+        dataset="fashion-mnist",
+        model="fmnist-tiny",
+        model_overrides=TINY_MODEL,
+        data_dir=data_dir,
+        validation_size=16,
+        batch_size=16,
+        epochs=2,
+        warmup_epochs=1,
+        eval_batch_size=8,
+    )
     return TrainConfig(**(settings | changes))
 
 
@@ -96,7 +105,9 @@ def test_full_run_writes_metrics_checkpoints_and_reports(backend, straight_runs)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert [r["step"] for r in records] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
-    assert all({"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= r.keys() for r in records)
+    assert all(
+        {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= r.keys() for r in records
+    )
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["epochs_done"] == 2 and summary["test_images"] == 20 and summary["test_top5"] is None
     assert 0 <= summary["test_top1"] <= 1
@@ -123,7 +134,9 @@ def test_both_backends_train_the_same_run(straight_runs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_mid_epoch_reaches_the_uninterrupted_run_bit_exactly(backend, data_dir, straight_runs, tmp_path):
+def test_resume_mid_epoch_reaches_the_uninterrupted_run_bit_exactly(
+    backend, data_dir, straight_runs, tmp_path
+):
     stop_at = STEPS_PER_EPOCH + 2  # in the middle of the second epoch
     train_and_evaluate(config(data_dir, max_steps=stop_at), tmp_path, backend)
     state = json.loads((tmp_path / LAST_STATE_JSON).read_text())
@@ -132,14 +145,14 @@ def test_resume_mid_epoch_reaches_the_uninterrupted_run_bit_exactly(backend, dat
     straight = straight_runs[backend]
     for name in (LAST, BEST):
         assert_same_params(params_of(tmp_path / name), params_of(straight / name))
-    with np.load(tmp_path / LAST_STATE_NPZ) as resumed, \
-            np.load(straight / LAST_STATE_NPZ) as full:
+    with np.load(tmp_path / LAST_STATE_NPZ) as resumed, np.load(straight / LAST_STATE_NPZ) as full:
         assert sorted(resumed.files) == sorted(full.files)
         for key in full.files:
             np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
     keys = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
     resumed_records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     straight_records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+
     def trajectory(records):
         return [{k: r[k] for k in keys} for r in records]
 
@@ -164,8 +177,10 @@ def test_resume_refuses_other_flags_and_damaged_checkpoints(data_dir, tmp_path):
 def test_a_checkpoint_predicts_the_same_in_every_implementation(trained_by, data_dir, straight_runs):
     cfg, params = vitspec.load(straight_runs[trained_by] / BEST)
     dataset = datasets.load("fashion_mnist", data_dir, validation_size=16)
-    logits = {name: evaluate.predictor(name, cfg, params, dataset.stats)(dataset.test.images)
-              for name in evaluate.BACKENDS}
+    logits = {
+        name: evaluate.predictor(name, cfg, params, dataset.stats)(dataset.test.images)
+        for name in evaluate.BACKENDS
+    }
     for name in ("torch", "flax"):
         np.testing.assert_array_equal(logits[name].argmax(-1), logits["numpy"].argmax(-1), err_msg=name)
         scale = np.abs(logits["numpy"]).max()
@@ -177,8 +192,21 @@ def test_evaluate_command_gives_one_accuracy_for_all_backends(data_dir, straight
     results = {}
     for backend in evaluate.BACKENDS:
         output = tmp_path / f"{backend}.json"
-        evaluate.main([str(checkpoint), "--backend", backend, "--dataset", "fashion-mnist", "--data-dir",
-                       str(data_dir), "--validation-size", "16", "--json", str(output)])
+        evaluate.main(
+            [
+                str(checkpoint),
+                "--backend",
+                backend,
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(data_dir),
+                "--validation-size",
+                "16",
+                "--json",
+                str(output),
+            ]
+        )
         results[backend] = json.loads(output.read_text())
     assert len({r["top1"] for r in results.values()}) == 1
     assert len({json.dumps(r["confusion"]) for r in results.values()}) == 1
@@ -192,8 +220,9 @@ def test_backends_normalize_exactly_like_the_reference(backend):
     expected = datasets.normalize(images, stats.mean, stats.std)
     if backend == "torch":
         cfg = vitspec.variant("cifar-notebook", depth=1)
-        model = torch_train.TorchBackend(cfg, vitspec.init_params(cfg), Recipe(), normalization_table(stats),
-                                         "fp32", 0, device="cpu")
+        model = torch_train.TorchBackend(
+            cfg, vitspec.init_params(cfg), Recipe(), normalization_table(stats), "fp32", 0, device="cpu"
+        )
         got = model.normalize(images).permute(0, 2, 3, 1).numpy()
     else:
         got = np.asarray(flax_train.normalize(images, normalization_table(stats), np.float32))

@@ -93,7 +93,8 @@ class ViTConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("image_size", _pair(self.image_size, "image_size"))
         set_("patch_size", _pair(self.patch_size, "patch_size"))
-        for (i, p), axis in zip(zip(self.image_size, self.patch_size), ("height", "width")):
+        pairs = zip(self.image_size, self.patch_size, strict=True)
+        for (i, p), axis in zip(pairs, ("height", "width"), strict=True):
             if i % p:
                 raise ValueError(
                     f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}: "
@@ -152,7 +153,8 @@ class ViTConfig:
 
     @property
     def drop_path_rates(self) -> tuple[float, ...]:
-        """Stochastic depth per block (SPEC.md section 6): stochastic_depth * i / (depth - 1), 0 for one block."""
+        """Stochastic depth per block (SPEC.md section 6): stochastic_depth * i / (depth - 1); 0 for one
+        block."""
         if self.depth == 1:
             return (0.0,)
         return tuple(self.stochastic_depth * i / (self.depth - 1) for i in range(self.depth))
@@ -228,20 +230,46 @@ VIT_SIZES: dict[str, dict[str, int]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # The CIFAR-10 notebook model this project grew from: 6 layers, width 128, 8 heads, MLP 256.
     "cifar-notebook": dict(
-        image_size=32, patch_size=4, width=128, depth=6, num_heads=8, mlp_dim=256,
-        num_classes=10, pool="token",
+        image_size=32,
+        patch_size=4,
+        width=128,
+        depth=6,
+        num_heads=8,
+        mlp_dim=256,
+        num_classes=10,
+        pool="token",
     ),
     "cifar-s": dict(
-        image_size=32, patch_size=4, width=192, depth=9, num_heads=3, mlp_dim=384,
-        num_classes=10, pool="token",
+        image_size=32,
+        patch_size=4,
+        width=192,
+        depth=9,
+        num_heads=3,
+        mlp_dim=384,
+        num_classes=10,
+        pool="token",
     ),
     "fmnist-tiny": dict(
-        image_size=28, patch_size=4, in_channels=1, width=64, depth=4, num_heads=4, mlp_dim=128,
-        num_classes=10, pool="token",
+        image_size=28,
+        patch_size=4,
+        in_channels=1,
+        width=64,
+        depth=4,
+        num_heads=4,
+        mlp_dim=128,
+        num_classes=10,
+        pool="token",
     ),
     "fmnist-s": dict(
-        image_size=28, patch_size=4, in_channels=1, width=128, depth=6, num_heads=8, mlp_dim=256,
-        num_classes=10, pool="token",
+        image_size=28,
+        patch_size=4,
+        in_channels=1,
+        width=128,
+        depth=6,
+        num_heads=8,
+        mlp_dim=256,
+        num_classes=10,
+        pool="token",
     ),
 }
 

@@ -1,6 +1,8 @@
-"""`python -m vitspec.datasets`: download a dataset (`vitspec download`), kept for the commands people already use.
+"""`python -m vitspec.datasets`: download a dataset (`vitspec download`),
+kept for the commands people already use.
 
-An entry point only: importing it gives nothing (`python -m vitspec.datasets download NAME` is `vitspec download NAME`).
+An entry point only: importing it gives nothing (`python -m vitspec.datasets download NAME` is
+`vitspec download NAME`).
 """
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`python -m vitspec.evaluate`: evaluate a checkpoint (`vitspec evaluate`), kept for the commands people already use.
+"""`python -m vitspec.evaluate`: evaluate a checkpoint (`vitspec evaluate`),
+kept for the commands people already use.
 
 An entry point only: importing it gives nothing (the code is `vitspec.app.evaluate`).
 """

@@ -36,7 +36,9 @@ def layer_norm_vjp(x, gy, scale, bias, eps: float):
     rstd = 1.0 / np.sqrt(np.square(x - mean).mean(axis=-1, keepdims=True) + eps)
     x_hat = (x - mean) * rstd
     g_hat = gy * scale
-    gx = rstd * (g_hat - g_hat.mean(axis=-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))
+    gx = rstd * (
+        g_hat - g_hat.mean(axis=-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True)
+    )
     return gx, {"scale": _sum_to(gy * x_hat, scale.shape), "bias": _sum_to(gy, bias.shape)}
 
 
@@ -54,7 +56,9 @@ def softmax_vjp(probs, gp):  # [..., n] -> [..., n]
     return probs * (gp - (gp * probs).sum(axis=-1, keepdims=True))
 
 
-def attention_vjp(x_q, x_kv, gy, query, key, value, out, num_heads: int, eps: float, q_norm=None, k_norm=None):
+def attention_vjp(
+    x_q, x_kv, gy, query, key, value, out, num_heads: int, eps: float, q_norm=None, k_norm=None
+):
     # x_q [n, tq, d], x_kv [n, t, d], gy [n, tq, d] -> (g x_q, g x_kv, grads like the attention's params)
     q_raw = ref.split_heads(ref.dense(x_q, **query), num_heads)
     k_raw = ref.split_heads(ref.dense(x_kv, **key), num_heads)
@@ -136,7 +140,7 @@ def pool_vjp(gy, cfg: ViTConfig, tokens_shape):  # [n, d] -> [n, t, d] (identity
     if cfg.pool == "token":
         gx[:, 0] = gy
     elif cfg.pool == "gap":
-        gx[:, cfg.num_prefix_tokens:] = gy[:, None, :] / cfg.num_patches
+        gx[:, cfg.num_prefix_tokens :] = gy[:, None, :] / cfg.num_patches
     return gx
 
 
@@ -149,8 +153,8 @@ def add_tokens_and_posemb_vjp(gy, cfg: ViTConfig, cls_token=None, reg_tokens=Non
         grads["cls_token"] = gy[:, 0].sum(axis=0)
     if reg_tokens is not None:
         start = int(cls_token is not None)
-        grads["reg_tokens"] = gy[:, start:start + cfg.num_registers].sum(axis=0)
-    g_patches = gy[:, cfg.num_prefix_tokens:]
+        grads["reg_tokens"] = gy[:, start : start + cfg.num_registers].sum(axis=0)
+    g_patches = gy[:, cfg.num_prefix_tokens :]
     if cfg.posemb == "learned" and not cfg.posemb_on_cls:
         grads["pos_embed"] = g_patches.sum(axis=0)
     return g_patches, grads
@@ -185,14 +189,16 @@ def _backward(cfg: ViTConfig, tree: dict, images, out: dict, g_logits) -> dict[s
         g = g * (1.0 - np.square(out["pre_logits"]))
         g, grads["pre_logits"] = dense_vjp(out["pooled"], g, **tree["pre_logits"])
     encoded = out["encoded"]
-    patches = encoded[:, cfg.num_prefix_tokens:]
+    patches = encoded[:, cfg.num_prefix_tokens :]
     if cfg.fc_norm:
-        pooled = ref.map_head(patches, cfg, **tree["map_head"])[0] if cfg.pool == "map" else ref.pool(encoded, cfg)
+        pooled = (
+            ref.map_head(patches, cfg, **tree["map_head"])[0] if cfg.pool == "map" else ref.pool(encoded, cfg)
+        )
         g, grads["fc_norm"] = layer_norm_vjp(pooled, g, **tree["fc_norm"], eps=eps)
     if cfg.pool == "map":
         g_patches, grads["map_head"] = map_head_vjp(patches, g, cfg, **tree["map_head"])
         g = np.zeros_like(encoded)
-        g[:, cfg.num_prefix_tokens:] = g_patches
+        g[:, cfg.num_prefix_tokens :] = g_patches
     else:
         g = pool_vjp(g, cfg, encoded.shape)
     if not cfg.fc_norm:
@@ -202,7 +208,8 @@ def _backward(cfg: ViTConfig, tree: dict, images, out: dict, g_logits) -> dict[s
         block_input = out["tokens"] if i == 0 else out[f"block_{i - 1}"]
         g, grads["blocks"][str(i)] = block_vjp(block_input, g, cfg, **tree["blocks"][str(i)])
     g, token_grads = add_tokens_and_posemb_vjp(
-        g, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed"))
+        g, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed")
+    )
     grads |= token_grads
     g_images, grads["patch_embed"] = embed_patches_vjp(images, g, cfg, **tree["patch_embed"])
     flat = flatten(grads)
@@ -214,16 +221,22 @@ def vjp(cfg: ViTConfig, params: dict[str, np.ndarray], images, cotangent) -> dic
     out = ref.forward(cfg, params, images, intermediates=True)
     cotangent = np.asarray(cotangent, dtype=out["logits"].dtype)
     if cotangent.shape != out["logits"].shape:
-        raise ValueError(f"cotangent has shape {cotangent.shape}; the logits have shape {out['logits'].shape}")
+        raise ValueError(
+            f"cotangent has shape {cotangent.shape}; the logits have shape {out['logits'].shape}"
+        )
     tree = ref.unflatten({k: np.asarray(v, dtype=out["logits"].dtype) for k, v in params.items()})
     return _backward(cfg, tree, np.asarray(images, dtype=cotangent.dtype), out, cotangent)
 
 
-def loss_and_grad(cfg: ViTConfig, params: dict[str, np.ndarray], images, labels, label_smoothing: float = 0.0):
+def loss_and_grad(
+    cfg: ViTConfig, params: dict[str, np.ndarray], images, labels, label_smoothing: float = 0.0
+):
     """Mean softmax cross-entropy and its gradients w.r.t. every parameter and the images."""
     if cfg.pool == "none" or not cfg.num_classes:
-        raise ValueError(f"loss_and_grad needs per-image logits: pool={cfg.pool!r}, num_classes={cfg.num_classes}"
-                         " (use vjp with a cotangent on the outputs instead)")
+        raise ValueError(
+            f"loss_and_grad needs per-image logits: pool={cfg.pool!r}, num_classes={cfg.num_classes}"
+            " (use vjp with a cotangent on the outputs instead)"
+        )
     out = ref.forward(cfg, params, images, intermediates=True)
     logits = out["logits"]
     loss = ref.cross_entropy(logits, labels, label_smoothing)

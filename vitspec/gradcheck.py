@@ -27,7 +27,9 @@ def directional_fd(f: Callable[[float], float], step: float) -> float:
     return (-f(2 * step) + 8 * f(step) - 8 * f(-step) + f(-2 * step)) / (12 * step)
 
 
-def fd_errors(loss_of, params: dict, images: np.ndarray, grads: dict, rng: np.random.Generator) -> dict[str, float]:
+def fd_errors(
+    loss_of, params: dict, images: np.ndarray, grads: dict, rng: np.random.Generator
+) -> dict[str, float]:
     """|fd - analytic| / max(|fd|, |analytic|, ZERO_GRAD) per tensor (and "images").
 
     Each direction is random in size but takes the sign of the analytic gradient entry-wise, so

@@ -94,6 +94,7 @@ def num_params(cfg: ViTConfig) -> int:
 # --- init ---------------------------------------------------------------------------------------
 # big_vision / vision_transformer scheme; see SPEC.md "Initialization".
 
+
 def _xavier_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     fan_in, fan_out = shape[0], shape[-1]
     limit = math.sqrt(6.0 / (fan_in + fan_out))
@@ -158,16 +159,23 @@ class ParamTreeError(ValueError):
     """A parameter tree that does not match its config; the message lists every problem."""
 
 
-def tree_problems(expected: Mapping[str, tuple[int, ...]], arrays: Mapping[str, object],
-                  require_float: bool = True) -> list[str]:
+def tree_problems(
+    expected: Mapping[str, tuple[int, ...]], arrays: Mapping[str, object], require_float: bool = True
+) -> list[str]:
     """Every missing, unexpected, mis-shaped (and, if asked, non-float) key, one line per kind."""
     missing = [k for k in expected if k not in arrays]
     unexpected = sorted(k for k in arrays if k not in expected)
     present = [k for k in expected if k in arrays]
-    misshaped = [f"{k}: expected {tuple(expected[k])}, got {tuple(np.shape(arrays[k]))}"
-                 for k in present if tuple(np.shape(arrays[k])) != tuple(expected[k])]
-    not_float = [f"{k}: dtype {np.asarray(arrays[k]).dtype}" for k in present
-                 if require_float and not np.issubdtype(np.asarray(arrays[k]).dtype, np.floating)]
+    misshaped = [
+        f"{k}: expected {tuple(expected[k])}, got {tuple(np.shape(arrays[k]))}"
+        for k in present
+        if tuple(np.shape(arrays[k])) != tuple(expected[k])
+    ]
+    not_float = [
+        f"{k}: dtype {np.asarray(arrays[k]).dtype}"
+        for k in present
+        if require_float and not np.issubdtype(np.asarray(arrays[k]).dtype, np.floating)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing}")

@@ -15,15 +15,18 @@ import numpy as np
 import scipy.ndimage
 
 
-def resample_posemb(posemb: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                    num_prefix: int) -> np.ndarray:
+def resample_posemb(
+    posemb: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int
+) -> np.ndarray:
     """[num_prefix + old_h * old_w, D] -> [num_prefix + new_h * new_w, D]; identity at the same size."""
     posemb = np.asarray(posemb)
     old_h, old_w = old_grid
     expected = num_prefix + old_h * old_w
     if posemb.ndim != 2 or posemb.shape[0] != expected:
-        raise ValueError(f"posemb of shape {posemb.shape} does not hold {num_prefix} prefix rows and an "
-                         f"{old_h}x{old_w} grid (expected [{expected}, D])")
+        raise ValueError(
+            f"posemb of shape {posemb.shape} does not hold {num_prefix} prefix rows and an "
+            f"{old_h}x{old_w} grid (expected [{expected}, D])"
+        )
     if tuple(old_grid) == tuple(new_grid):
         return posemb.copy()
     prefix, grid = posemb[:num_prefix], posemb[num_prefix:].reshape(old_h, old_w, -1)

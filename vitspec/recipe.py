@@ -35,8 +35,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}),"
-                             " total_steps >= 1")
+            raise ValueError(
+                f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}),"
+                " total_steps >= 1"
+            )
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm={self.clip_norm!r}: expected None or a value > 0")
 
@@ -86,21 +88,32 @@ class AdamState:
 
     @classmethod
     def zeros_like(cls, params: Mapping[str, np.ndarray]) -> AdamState:
-        return cls(0, {k: np.zeros_like(v) for k, v in params.items()}, {k: np.zeros_like(v) for k, v in params.items()})
+        return cls(
+            0,
+            {k: np.zeros_like(v) for k, v in params.items()},
+            {k: np.zeros_like(v) for k, v in params.items()},
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """One flat tree, as checkpoints store it: 'step', 'mu/<reference name>', 'nu/<reference name>'."""
-        return {"step": np.asarray(self.step, dtype=np.int64), **{f"mu/{k}": v for k, v in self.mu.items()},
-                **{f"nu/{k}": v for k, v in self.nu.items()}}
+        return {
+            "step": np.asarray(self.step, dtype=np.int64),
+            **{f"mu/{k}": v for k, v in self.mu.items()},
+            **{f"nu/{k}": v for k, v in self.nu.items()},
+        }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> AdamState:
-        moments = {m: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{m}/")} for m in ("mu", "nu")}
+        moments = {
+            m: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{m}/")}
+            for m in ("mu", "nu")
+        }
         return cls(int(arrays["step"]), moments["mu"], moments["nu"])
 
 
-def adamw_step(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], state: AdamState,
-               recipe: Recipe) -> tuple[dict[str, np.ndarray], AdamState]:
+def adamw_step(
+    params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], state: AdamState, recipe: Recipe
+) -> tuple[dict[str, np.ndarray], AdamState]:
     """One update of the recipe on the reference tree: clip, AdamW with masked decay."""
     lr = learning_rate(state.step, recipe)
     scale = clip_scale(global_norm(grads), recipe.clip_norm)

@@ -128,8 +128,11 @@ def posemb_sincos2d(grid_h: int, grid_w: int, width: int, temperature: float = 1
 def add_tokens_and_posemb(x, cfg: ViTConfig, cls_token=None, reg_tokens=None, pos_embed=None):
     # [n, patches, d] -> [n, tokens, d]; tokens are [class, registers..., patches]
     n, _, d = x.shape
-    prefix = [np.broadcast_to(t.reshape(1, -1, d), (n, t.size // d, d)) for t in (cls_token, reg_tokens)
-              if t is not None]
+    prefix = [
+        np.broadcast_to(t.reshape(1, -1, d), (n, t.size // d, d))
+        for t in (cls_token, reg_tokens)
+        if t is not None
+    ]
     if cfg.posemb == "sincos2d":
         x = x + posemb_sincos2d(*cfg.grid_size, d).astype(x.dtype)
     elif cfg.posemb == "learned" and not cfg.posemb_on_cls:
@@ -144,7 +147,7 @@ def pool(x, cfg: ViTConfig):  # [n, tokens, d] -> [n, d] ([n, tokens, d] for poo
     if cfg.pool == "token":
         return x[:, 0]
     if cfg.pool == "gap":
-        return x[:, cfg.num_prefix_tokens:].mean(axis=1)
+        return x[:, cfg.num_prefix_tokens :].mean(axis=1)
     if cfg.pool == "none":
         return x
     raise AssertionError(f"pool {cfg.pool!r} has parameters: use map_head")
@@ -154,15 +157,23 @@ def check_images(cfg: ViTConfig, images) -> np.ndarray:
     images = np.asarray(images)
     expected = (*cfg.image_size, cfg.in_channels)
     if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"images have shape {images.shape}; the config expects [N, {', '.join(map(str, expected))}]"
-                         " (NHWC)")
+        raise ValueError(
+            f"images have shape {images.shape}; the config expects [N, {', '.join(map(str, expected))}]"
+            " (NHWC)"
+        )
     if images.dtype not in (np.float32, np.float64):
         raise ValueError(f"images have dtype {images.dtype}; the reference computes in float32 or float64")
     return images
 
 
-def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermediates: bool = False,
-            attention_maps: bool = False):
+def forward(
+    cfg: ViTConfig,
+    params: dict[str, np.ndarray],
+    images,
+    *,
+    intermediates: bool = False,
+    attention_maps: bool = False,
+):
     """Logits for NHWC images, or with `intermediates`/`attention_maps` the dict of named values.
 
     Intermediates: patch_embed [n, patches, d], tokens [n, t, d] (block 0's input), block_{i}
@@ -175,7 +186,8 @@ def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermedia
     out: dict[str, np.ndarray] = {}
     x = out["patch_embed"] = embed_patches(images, cfg, **tree["patch_embed"])
     x = out["tokens"] = add_tokens_and_posemb(
-        x, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed"))
+        x, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed")
+    )
     for i in range(cfg.depth):
         x, out[f"attn_{i}"] = block(x, cfg, **tree["blocks"][str(i)])
         out[f"block_{i}"] = x
@@ -183,7 +195,7 @@ def forward(cfg: ViTConfig, params: dict[str, np.ndarray], images, *, intermedia
         x = layer_norm(x, **tree["norm"], eps=cfg.ln_eps)
     out["encoded"] = x
     if cfg.pool == "map":
-        x, out["map_attn"] = map_head(x[:, cfg.num_prefix_tokens:], cfg, **tree["map_head"])
+        x, out["map_attn"] = map_head(x[:, cfg.num_prefix_tokens :], cfg, **tree["map_head"])
     else:
         x = pool(x, cfg)
     if cfg.fc_norm:

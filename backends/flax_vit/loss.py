@@ -20,8 +20,9 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
-def make_loss_and_grad(module: VisionTransformer, *, label_smoothing: float = 0.0,
-                       wrt_images: bool = False) -> Callable:
+def make_loss_and_grad(
+    module: VisionTransformer, *, label_smoothing: float = 0.0, wrt_images: bool = False
+) -> Callable:
     """A jitted `step(params, images, labels, dropout_rng=None) -> (loss, grads)`.
 
     `params` is the tree under variables['params']. With a `dropout_rng` the step runs in train

@@ -29,6 +29,9 @@ always takes its softmax in float32, which would cap a float64 model at float32 
 training on the CPU, where the library function is plain XLA whose backward measured slower (the
 training step 1.07x faster at cifar-notebook, 1.03x at S/16 with the explicit form, while the
 forward pass is faster with the library function; bench/PERFORMANCE.md).
+
+One module past 300 lines: the linen modules nest as big_vision's tree does (block, attention,
+MLP, MAP head, model), and this docstring is that tree; split, the names would lose their map.
 """
 
 from __future__ import annotations
@@ -125,7 +128,9 @@ class MultiHeadDotProductAttention(nn.Module):
             q = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="query_ln")(q)
             k = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="key_ln")(k)
         needs_probs = return_probs or (self.dropout > 0.0 and not deterministic)
-        if needs_probs or q.dtype == jnp.float64 or not fused_attention_pays(not deterministic):  # see the docstring
+        if (
+            needs_probs or q.dtype == jnp.float64 or not fused_attention_pays(not deterministic)
+        ):  # see the docstring
             probs = attention_probabilities(q, k)
             mixed = jnp.einsum("nhqk,nkhd->nqhd", nn.Dropout(self.dropout)(probs, deterministic), v)
         else:
@@ -201,7 +206,8 @@ class MAPHead(nn.Module):
         probe = jnp.broadcast_to(jnp.asarray(probe, x.dtype), (n, 1, d))
         # Always biased and without qk-norm, as big_vision's and timm's pooling heads.
         y, probs = MultiHeadDotProductAttention(cfg.num_heads, ln_eps=cfg.ln_eps, **kw)(
-            probe, x, return_probs=return_probs)
+            probe, x, return_probs=return_probs
+        )
         y = y + MlpBlock(cfg.mlp_dim, cfg.gelu, **kw)(layer_norm(cfg.ln_eps, **kw)(y))
         return y[:, 0], probs
 
@@ -230,9 +236,13 @@ class VisionTransformer(nn.Module):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
         cfg, dtype = self.config, jnp.dtype(self.param_dtype)
-        shapes = {name: np.broadcast_to(np.zeros((), dtype), shape) for name, shape in param_shapes(cfg).items()}
+        shapes = {
+            name: np.broadcast_to(np.zeros((), dtype), shape) for name, shape in param_shapes(cfg).items()
+        }
         treedef = jax.tree.structure(from_reference(shapes, cfg))
-        leaves = [jax.ShapeDtypeStruct(np.shape(a), dtype) for a in jax.tree.leaves(from_reference(shapes, cfg))]
+        leaves = [
+            jax.ShapeDtypeStruct(np.shape(a), dtype) for a in jax.tree.leaves(from_reference(shapes, cfg))
+        ]
 
         def reference_init(seed):
             tree = from_reference(init_params(cfg, int(seed)), cfg)
@@ -241,8 +251,9 @@ class VisionTransformer(nn.Module):
         return jax.tree.unflatten(treedef, jax.pure_callback(reference_init, leaves, jnp.ravel(key)[-1]))
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False, intermediates: bool = False,
-                 attention_maps: bool = False):
+    def __call__(
+        self, images, *, train: bool = False, intermediates: bool = False, attention_maps: bool = False
+    ):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         out = {}
@@ -250,19 +261,24 @@ class VisionTransformer(nn.Module):
         x = self._add_tokens_and_posemb(x)
         x = out["tokens"] = nn.Dropout(cfg.dropout)(x, not train)
         x, blocks, probs = Encoder(cfg, name="Transformer", **kw)(
-            x, deterministic=not train, return_probs=attention_maps)
+            x, deterministic=not train, return_probs=attention_maps
+        )
         out |= {f"block_{i}": b for i, b in enumerate(blocks)}
         out |= {f"attn_{i}": p for i, p in enumerate(probs)}
         out["encoded"] = x
         if cfg.pool == "map":
-            x, out["map_attn"] = MAPHead(cfg, **kw)(x[:, cfg.num_prefix_tokens:], return_probs=attention_maps)
+            x, out["map_attn"] = MAPHead(cfg, **kw)(
+                x[:, cfg.num_prefix_tokens :], return_probs=attention_maps
+            )
         else:
             x = pool_tokens(x, cfg)
         if cfg.fc_norm:
             x = layer_norm(cfg.ln_eps, name="fc_norm", **kw)(x)
         out["pooled"] = x
         if cfg.representation_size:
-            x = jnp.tanh(nn.Dense(cfg.representation_size, name="pre_logits", kernel_init=shape_only, **kw)(x))
+            x = jnp.tanh(
+                nn.Dense(cfg.representation_size, name="pre_logits", kernel_init=shape_only, **kw)(x)
+            )
         out["pre_logits"] = x
         if cfg.num_classes:
             x = nn.Dense(cfg.num_classes, name="head", kernel_init=shape_only, **kw)(x)
@@ -271,8 +287,16 @@ class VisionTransformer(nn.Module):
 
     def _embed_patches(self, images):  # [n, h, w, c] -> [n, patches, d]
         cfg = self.config
-        x = nn.Conv(cfg.width, cfg.patch_size, strides=cfg.patch_size, padding="VALID", name="embedding",
-                    kernel_init=shape_only, dtype=self.dtype, param_dtype=self.param_dtype)(images)
+        x = nn.Conv(
+            cfg.width,
+            cfg.patch_size,
+            strides=cfg.patch_size,
+            padding="VALID",
+            name="embedding",
+            kernel_init=shape_only,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(images)
         n, gh, gw, d = x.shape
         return x.reshape(n, gh * gw, d)
 
@@ -301,8 +325,7 @@ def pool_tokens(x, cfg: ViTConfig):  # [n, t, d] -> [n, d] ([n, t, d] for pool '
     if cfg.pool == "token":
         return x[:, 0]
     if cfg.pool == "gap":
-        return jnp.mean(x[:, cfg.num_prefix_tokens:], axis=1)
+        return jnp.mean(x[:, cfg.num_prefix_tokens :], axis=1)
     if cfg.pool == "none":
         return x
     raise AssertionError(f"pool {cfg.pool!r} is a module: MAPHead")
-

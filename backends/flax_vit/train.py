@@ -29,8 +29,11 @@ from vitspec.config import ViTConfig
 from vitspec.recipe import AdamState, Recipe, clip_scale, decays
 
 # precision -> (computation dtype, parameter dtype)
-DTYPES = {"fp64": (jnp.float64, jnp.float64), "fp32": (jnp.float32, jnp.float32),
-          "bf16": (jnp.bfloat16, jnp.float32)}
+DTYPES = {
+    "fp64": (jnp.float64, jnp.float64),
+    "fp32": (jnp.float32, jnp.float32),
+    "bf16": (jnp.bfloat16, jnp.float32),
+}
 
 
 def decay_mask(cfg: ViTConfig) -> dict:
@@ -40,7 +43,7 @@ def decay_mask(cfg: ViTConfig) -> dict:
 
 
 def normalize(images, table, dtype):
-    """uint8 NHWC -> `dtype`: datasets.normalize's float32 values (training.normalization_table), then cast."""
+    """uint8 NHWC -> `dtype`: datasets.normalize's float32 values (the normalization table), then cast."""
     return table[images, jnp.arange(table.shape[1])].astype(dtype)
 
 
@@ -52,8 +55,15 @@ def as_tree(reference: Mapping[str, np.ndarray], cfg: ViTConfig, dtype) -> dict:
 class FlaxBackend:
     """vitspec.app.training.Backend in JAX/Flax; `precision` 'fp64' (x64 enabled) is for the parity tests."""
 
-    def __init__(self, cfg: ViTConfig, params: Mapping[str, np.ndarray], recipe: Recipe, normalization: np.ndarray,
-                 precision: str, seed: int):
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        params: Mapping[str, np.ndarray],
+        recipe: Recipe,
+        normalization: np.ndarray,
+        precision: str,
+        seed: int,
+    ):
         self.cfg, self.recipe = cfg, recipe
         self.dtype, param_dtype = DTYPES[precision]
         self.module = VisionTransformer(config=cfg, dtype=self.dtype, param_dtype=param_dtype)
@@ -63,19 +73,23 @@ class FlaxBackend:
         self.step = 0
         self.dropout_key = jax.random.key(seed)
         self.table = jnp.asarray(normalization)
-        self._train_step = jax.jit(partial(train_step, self.module, recipe, decay_mask(cfg)),
-                                   donate_argnums=(0, 1, 2))
+        self._train_step = jax.jit(
+            partial(train_step, self.module, recipe, decay_mask(cfg)), donate_argnums=(0, 1, 2)
+        )
         self._logits = jax.jit(self._eval_logits)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float):
         self.step += 1
         recipe, t = self.recipe, self.step
-        hyper = {name: jnp.asarray(value, self.params_dtype) for name, value in
-                 {"lr": lr, "bias1": 1 - recipe.beta1**t, "bias2": 1 - recipe.beta2**t}.items()}
+        hyper = {
+            name: jnp.asarray(value, self.params_dtype)
+            for name, value in {"lr": lr, "bias1": 1 - recipe.beta1**t, "bias2": 1 - recipe.beta2**t}.items()
+        }
         # The dropout key of step t - 1: a function of (seed, step), so resuming needs no RNG state.
         key = jax.random.fold_in(self.dropout_key, t - 1)
         self.params, self.mu, self.nu, loss, correct = self._train_step(
-            self.params, self.mu, self.nu, images, labels, self.table, hyper, key)
+            self.params, self.mu, self.nu, images, labels, self.table, hyper, key
+        )
         return loss, correct
 
     @property
@@ -101,8 +115,20 @@ class FlaxBackend:
         self.step = adam.step
         self.mu, self.nu = (as_tree(m, self.cfg, self.params_dtype) for m in (adam.mu, adam.nu))
 
-def train_step(module: VisionTransformer, recipe: Recipe, decay: dict, params, mu, nu, images, labels,
-               table, hyper: dict, dropout_key):
+
+def train_step(
+    module: VisionTransformer,
+    recipe: Recipe,
+    decay: dict,
+    params,
+    mu,
+    nu,
+    images,
+    labels,
+    table,
+    hyper: dict,
+    dropout_key,
+):
     """One step of the recipe: (params, mu, nu, loss, correct) after vitspec.recipe.adamw_step."""
 
     def loss_fn(p):
@@ -126,7 +152,8 @@ def train_step(module: VisionTransformer, recipe: Recipe, decay: dict, params, m
     updated = jax.tree.map(update, params, grads, mu, nu, decay)
     new_params, new_mu, new_nu = (
         jax.tree.map(lambda triple, i=i: triple[i], updated, is_leaf=lambda x: isinstance(x, tuple))
-        for i in range(3))
+        for i in range(3)
+    )
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return new_params, new_mu, new_nu, loss, correct
 

@@ -35,7 +35,10 @@ def timm_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
 
 def from_reference(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, torch.Tensor]:
     """The timm-named state dict of a reference parameter tree (dtypes kept, memory not shared)."""
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in timm.FORMAT.from_reference(params, cfg).items()}
+    return {
+        k: torch.from_numpy(np.array(v, copy=True))
+        for k, v in timm.FORMAT.from_reference(params, cfg).items()
+    }
 
 
 def to_reference(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig) -> dict[str, np.ndarray]:

@@ -216,7 +216,9 @@ class PatchEmbed(nn.Module):
         ph, pw = self.patch_size
         patches = images.reshape(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 3, 5, 1)
         kernel = self.proj.weight.permute(0, 2, 3, 1)  # [d, ph, pw, c]
-        return F.linear(patches.reshape(n, -1, ph * pw * c), kernel.reshape(kernel.shape[0], -1), self.proj.bias)
+        return F.linear(
+            patches.reshape(n, -1, ph * pw * c), kernel.reshape(kernel.shape[0], -1), self.proj.bias
+        )
 
 
 def fixed_posemb(cfg: ViTConfig) -> torch.Tensor | None:
@@ -288,9 +290,9 @@ class VisionTransformer(nn.Module):
         if pool == "token":
             return x[:, 0]
         if pool == "gap":
-            return x[:, self.cfg.num_prefix_tokens:].mean(dim=1)
+            return x[:, self.cfg.num_prefix_tokens :].mean(dim=1)
         if pool == "map":
-            pooled, probs = self.attn_pool(x[:, self.cfg.num_prefix_tokens:], attention_maps)
+            pooled, probs = self.attn_pool(x[:, self.cfg.num_prefix_tokens :], attention_maps)
             if attention_maps:
                 named["map_attn"] = probs
             return pooled

@@ -38,16 +38,27 @@ def decay_mask(cfg: ViTConfig) -> dict[str, bool]:
     return mask
 
 
-def adamw(params: Mapping[str, torch.nn.Parameter], decayed: Mapping[str, bool], recipe: Recipe
-          ) -> torch.optim.AdamW:
+def adamw(
+    params: Mapping[str, torch.nn.Parameter], decayed: Mapping[str, bool], recipe: Recipe
+) -> torch.optim.AdamW:
     """torch's fused AdamW (one kernel over all tensors; 6x faster than the unfused update on CPU for
     B/16), in two groups: weight decay on the recipe's decayed parameters only. Its update is the
     recipe's, p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), with the decay applied first as
     p * (1 - lr * wd): the same expression, rounded in another order."""
-    groups = [{"params": [p for name, p in params.items() if decayed[name] == flag],
-               "weight_decay": recipe.weight_decay if flag else 0.0} for flag in (True, False)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.base_lr,
-                             betas=(recipe.beta1, recipe.beta2), eps=recipe.eps, fused=True)
+    groups = [
+        {
+            "params": [p for name, p in params.items() if decayed[name] == flag],
+            "weight_decay": recipe.weight_decay if flag else 0.0,
+        }
+        for flag in (True, False)
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=recipe.base_lr,
+        betas=(recipe.beta1, recipe.beta2),
+        eps=recipe.eps,
+        fused=True,
+    )
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -58,8 +69,16 @@ def step_seed(seed: int, step: int) -> int:
 class TorchBackend:
     """vitspec.app.training.Backend in PyTorch; `precision` 'fp64' is for the parity tests."""
 
-    def __init__(self, cfg: ViTConfig, params: Mapping[str, np.ndarray], recipe: Recipe, normalization: np.ndarray,
-                 precision: str, seed: int, device: str | None = None):
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        params: Mapping[str, np.ndarray],
+        recipe: Recipe,
+        normalization: np.ndarray,
+        precision: str,
+        seed: int,
+        device: str | None = None,
+    ):
         self.cfg, self.recipe, self.seed = cfg, recipe, seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = DTYPES[precision]
@@ -70,8 +89,10 @@ class TorchBackend:
         self.decays = decay_mask(cfg)
         self.optimizer = adamw(self.params, self.decays, recipe)
         self.step = 0
-        self.set_moments({k: torch.zeros_like(p) for k, p in self.params.items()},
-                         {k: torch.zeros_like(p) for k, p in self.params.items()})
+        self.set_moments(
+            {k: torch.zeros_like(p) for k, p in self.params.items()},
+            {k: torch.zeros_like(p) for k, p in self.params.items()},
+        )
         self.table = torch.from_numpy(normalization).to(self.device)
         self.channels = torch.arange(cfg.in_channels, device=self.device)
 
@@ -84,7 +105,9 @@ class TorchBackend:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.model(self.normalize(images))
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, images: np.ndarray, labels: np.ndarray, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(step_seed(self.seed, self.step))
         self.model.train()
         targets = torch.from_numpy(labels).to(self.device)
@@ -93,7 +116,7 @@ class TorchBackend:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
         grads = torch.autograd.grad(loss, list(self.params.values()))
-        self.apply_update(dict(zip(self.params, grads)), lr)
+        self.apply_update(dict(zip(self.params, grads, strict=True)), lr)
         correct = (logits.argmax(-1) == targets).sum()
         return loss.detach(), correct
 
@@ -141,8 +164,13 @@ class TorchBackend:
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         adam = AdamState.from_arrays(state)
         self.step = adam.step
-        self.set_moments(*({k: t.to(self.device, self.dtype) for k, t in from_reference(m, self.cfg).items()}
-                           for m in (adam.mu, adam.nu)))
+        self.set_moments(
+            *(
+                {k: t.to(self.device, self.dtype) for k, t in from_reference(m, self.cfg).items()}
+                for m in (adam.mu, adam.nu)
+            )
+        )
+
 
 def default_precision() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"

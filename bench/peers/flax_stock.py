@@ -50,7 +50,8 @@ class StockViT(nn.Module):
         x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, d))
         for i in range(cfg.depth):
-            x = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.ln_eps, cfg.gelu == "tanh",
-                             name=f"encoderblock_{i}")(x)
+            x = EncoderBlock(
+                cfg.num_heads, cfg.mlp_dim, cfg.ln_eps, cfg.gelu == "tanh", name=f"encoderblock_{i}"
+            )(x)
         x = nn.LayerNorm(epsilon=cfg.ln_eps, name="encoder_norm")(x)
         return nn.Dense(cfg.num_classes, name="head")(x[:, 0])

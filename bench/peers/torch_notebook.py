@@ -34,9 +34,14 @@ class MultiHeadAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps), nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.norm1, self.norm2 = (
+            nn.LayerNorm(cfg.width, eps=cfg.ln_eps),
+            nn.LayerNorm(cfg.width, eps=cfg.ln_eps),
+        )
         self.attention = MultiHeadAttention(cfg.width, cfg.num_heads)
-        self.mlp = nn.Sequential(nn.Linear(cfg.width, cfg.mlp_dim), nn.GELU(), nn.Linear(cfg.mlp_dim, cfg.width))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, cfg.mlp_dim), nn.GELU(), nn.Linear(cfg.mlp_dim, cfg.width)
+        )
 
     def forward(self, x):
         x = x + self.attention(self.norm1(x))

@@ -41,7 +41,9 @@ def read_image(path: Path, cfg: ViTConfig) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
     if cfg.in_channels not in (1, 3):
-        raise ValueError(f"the model takes {cfg.in_channels}-channel images; only 1 (grey) or 3 (RGB) can be read")
+        raise ValueError(
+            f"the model takes {cfg.in_channels}-channel images; only 1 (grey) or 3 (RGB) can be read"
+        )
     height, width = cfg.image_size
     pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
     return pixels.reshape(height, width, cfg.in_channels)
@@ -102,8 +104,9 @@ def last_block_heads(cfg: ViTConfig, maps: dict[str, np.ndarray]) -> np.ndarray:
 
 def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A [gh, gw] map stretched to [H, W] pixels (bilinear between patch centres)."""
-    return ndimage.zoom(grid, (size[0] / grid.shape[0], size[1] / grid.shape[1]), order=1, mode="nearest",
-                        grid_mode=True)
+    return ndimage.zoom(
+        grid, (size[0] / grid.shape[0], size[1] / grid.shape[1]), order=1, mode="nearest", grid_mode=True
+    )
 
 
 def draw(path: Path, image: np.ndarray, flow: np.ndarray, heads: np.ndarray, title: str) -> None:
@@ -118,7 +121,7 @@ def draw(path: Path, image: np.ndarray, flow: np.ndarray, heads: np.ndarray, tit
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
     shown = image[..., 0] if image.shape[-1] == 1 else image
-    for axis, (name, grid) in zip(axes.flat, panels):
+    for axis, (name, grid) in zip(axes.flat, panels, strict=True):
         axis.imshow(shown, cmap="gray" if image.shape[-1] == 1 else None)
         if grid is not None:
             axis.imshow(upsample(grid, image.shape[:2]), cmap="inferno", alpha=0.6)
@@ -131,15 +134,21 @@ def draw(path: Path, image: np.ndarray, flow: np.ndarray, heads: np.ndarray, tit
     plt.close(figure)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "vitspec attention") -> dict[str, dict[str, np.ndarray]]:
+def main(
+    argv: Sequence[str] | None = None, prog: str = "vitspec attention"
+) -> dict[str, dict[str, np.ndarray]]:
     """Writes the pictures; returns {image name: {'rollout': ..., 'heads': ...}} (the tests compare them)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0].split(": ", 1)[1])
     parser.add_argument("checkpoint", type=Path, help="a reference checkpoint (.safetensors or .npz)")
     parser.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, anything PIL reads)")
     parser.add_argument("--out", type=Path, required=True, help="where the PNGs go")
     parser.add_argument("--backend", choices=BACKENDS, default="numpy")
-    parser.add_argument("--dataset", choices=list(DATASETS), default=None,
-                        help="normalize with this dataset's channel statistics")
+    parser.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=None,
+        help="normalize with this dataset's channel statistics",
+    )
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="per channel, in [0, 1] units")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="per channel, in [0, 1] units")
     args = parser.parse_args(argv)
@@ -155,7 +164,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "vitspec attention") -> 
     flows, heads = rollout(cfg, maps), last_block_heads(cfg, maps)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for path, image, flow, head in zip(args.images, pixels, flows, heads):
+    for path, image, flow, head in zip(args.images, pixels, flows, heads, strict=True):
         target = args.out / f"{path.stem}.attention.png"
         draw(target, image, flow, head, f"{path.name}: {args.checkpoint.name} ({args.backend})")
         print(target)
@@ -172,5 +181,7 @@ def _normalization(args: argparse.Namespace, cfg: ViTConfig) -> tuple[tuple[floa
         mean, std = (0.5,) * channels, (0.5,) * channels
     mean, std = tuple(args.mean or mean), tuple(args.std or std)
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"--mean/--std need {channels} value(s) for this model, got {len(mean)} and {len(std)}")
+        raise ValueError(
+            f"--mean/--std need {channels} value(s) for this model, got {len(mean)} and {len(std)}"
+        )
     return mean, std

@@ -17,19 +17,31 @@ COMMANDS = {
     "train": ("vitspec.app.training.cli", "main", "train a model with --backend torch or flax"),
     "evaluate": ("vitspec.app.evaluate", "main", "test accuracy of a checkpoint with numpy, torch or flax"),
     "convert": ("vitspec.app.convert", "main", "convert a checkpoint between the ecosystems' layouts"),
-    "attention": ("vitspec.app.attention", "main", "pictures of where a model looks: rollout and last-block heads"),
+    "attention": (
+        "vitspec.app.attention",
+        "main",
+        "pictures of where a model looks: rollout and last-block heads",
+    ),
     "download": ("vitspec.app.cli", "download_main", "fetch and verify a dataset's official files"),
     "summary": ("vitspec.app.inspect_model", "summary_main", "parameter table of a variant or preset"),
-    "gradcheck": ("vitspec.app.inspect_model", "gradcheck_main", "the reference's gradients vs finite differences"),
+    "gradcheck": (
+        "vitspec.app.inspect_model",
+        "gradcheck_main",
+        "the reference's gradients vs finite differences",
+    ),
 }
 
 
 def download_main(argv: Sequence[str] | None = None, prog: str = "vitspec download") -> int:
     from vitspec.app import datasets
 
-    parser = argparse.ArgumentParser(prog=prog, description="Fetch a dataset's official files, checking their MD5s.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Fetch a dataset's official files, checking their MD5s."
+    )
     parser.add_argument("name", choices=datasets.DATASET_NAMES)
-    parser.add_argument("--data-dir", type=Path, default=None, help="where (default: $VITSPEC_DATA_DIR or ./data)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where (default: $VITSPEC_DATA_DIR or ./data)"
+    )
     args = parser.parse_args(argv)
     try:
         paths = datasets.download(args.name, args.data_dir)
@@ -43,9 +55,11 @@ def download_main(argv: Sequence[str] | None = None, prog: str = "vitspec downlo
 def build_parser() -> argparse.ArgumentParser:
     commands = "\n".join(f"  {name:10} {help_text}" for name, (_, _, help_text) in COMMANDS.items())
     parser = argparse.ArgumentParser(
-        prog="vitspec", description="A Vision Transformer defined once and proven identical in NumPy, PyTorch, JAX.",
+        prog="vitspec",
+        description="A Vision Transformer defined once and proven identical in NumPy, PyTorch, JAX.",
         epilog=f"commands:\n{commands}\n\n`vitspec COMMAND --help` for a command's flags.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser

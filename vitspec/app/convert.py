@@ -24,26 +24,22 @@ from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
+from vitspec.app.convert_check import check_conversion
 from vitspec.config import GELUS, POOLS, POSEMBS, ViTConfig
 from vitspec.formats import (
     EXTERNAL,
     FORMATS,
     REFERENCE,
+    flags_needed_to_read_back,
     format_of_suffix,
-    load_any,
     load_with_notes,
     resolve_format,
     save_any,
 )
-from vitspec.formats.base import READING_FLAGS
 from vitspec.formats.checkpoint import CheckpointError
-from vitspec.formats.files import read_tensors
 from vitspec.formats.table import FormatError
 from vitspec.params import ParamTreeError, num_params
 from vitspec.posemb import resample_posemb
-from vitspec.reference import forward
-
-CHECK_BATCH = 2
 
 Size = int | tuple[int, int]
 
@@ -56,9 +52,19 @@ class Conversion(NamedTuple):
     max_logit_diff: float | None  # with check=True
 
 
-def convert(src: str | Path, dst: str | Path, *, from_fmt: str | None = None, to_fmt: str | None = None,
-            image_size: Size | None = None, source_image_size: Size | None = None, check: bool = False,
-            overwrite: bool = False, out: TextIO | None = None, **flags: Any) -> Conversion:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    from_fmt: str | None = None,
+    to_fmt: str | None = None,
+    image_size: Size | None = None,
+    source_image_size: Size | None = None,
+    check: bool = False,
+    overwrite: bool = False,
+    out: TextIO | None = None,
+    **flags: Any,
+) -> Conversion:
     """Convert `src` to `dst`; `flags` (heads, gelu, ln_eps, posemb, pool) as the CLI's. Prints a summary."""
     out = out or sys.stdout
     dst = Path(dst)
@@ -76,8 +82,9 @@ def convert(src: str | Path, dst: str | Path, *, from_fmt: str | None = None, to
     return Conversion(source.fmt, to_fmt, source.cfg, cfg, diff)
 
 
-def resample(cfg: ViTConfig, params: dict[str, np.ndarray],
-             image_size: tuple[int, int]) -> tuple[ViTConfig, dict[str, np.ndarray]]:
+def resample(
+    cfg: ViTConfig, params: dict[str, np.ndarray], image_size: tuple[int, int]
+) -> tuple[ViTConfig, dict[str, np.ndarray]]:
     """The model at another image size: a learned position embedding is resampled to the new grid."""
     try:
         new_cfg = cfg.replace(image_size=image_size)
@@ -90,80 +97,15 @@ def resample(cfg: ViTConfig, params: dict[str, np.ndarray],
     return new_cfg, params
 
 
-def check_conversion(cfg: ViTConfig, params: dict[str, np.ndarray], dst: Path, to_fmt: str, resampled: bool,
-                     out: TextIO) -> float:
-    """Max |logits(reference on `params`) - logits(target backend on the written file)|, one random batch.
-
-    `params` is the source tree as read, or after `--image-size` the resampled one (a model at
-    another size cannot see the source's images): the check covers the written file; resampling
-    is specified (vitspec.posemb), not checked here.
-    """
-    images = np.random.default_rng(0).standard_normal((CHECK_BATCH, *cfg.image_size, cfg.in_channels))
-    expected = forward(cfg, params, images)
-    actual, runner = run_target(dst, to_fmt, cfg, images)
-    diff = float(np.max(np.abs(np.asarray(actual, np.float64) - expected)))
-    scale = float(np.max(np.abs(expected)))
-    against = "the resampled tree" if resampled else "the source tree"
-    print(f"check: reference (float64) on {against} vs {runner} on {dst.name}: max |logit diff| {diff:.3g} "
-          f"(max |logit| {scale:.3g}, batch {CHECK_BATCH})", file=out)
-    if scale == 0:
-        print("WARNING: every logit is 0 (a zero head, as freshly initialized): this check proves nothing",
-              file=out)
-    return diff
-
-
-def run_target(dst: Path, fmt: str, cfg: ViTConfig, images: np.ndarray) -> tuple[np.ndarray, str]:
-    """Logits of the written file in the target ecosystem's backend, and that backend's name."""
-    if fmt == "torch":
-        try:
-            return _run_torch(dst, cfg, images), "backends.torch_vit (float64)"
-        except ImportError:
-            pass
-    if fmt == "flax":
-        try:
-            return _run_flax(dst, cfg, images), "backends.flax_vit (float64)"
-        except ImportError:
-            pass
-    cfg_back, params = load_any(dst, fmt, **reading_flags(cfg))
-    return forward(cfg_back, params, images), "the reference (float64, file read back)"
-
-
-def reading_flags(cfg: ViTConfig) -> dict[str, Any]:
-    """Flags that make reading a written file back give exactly `cfg`."""
-    return {flag.keyword: getattr(cfg, flag.field) for flag in READING_FLAGS}
-
-
-def _run_torch(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
-    import torch
-
-    from backends.torch_vit import VisionTransformer
-
-    state_dict = {k: torch.from_numpy(v) for k, v in read_tensors(dst)[0].items()}
-    model = VisionTransformer(cfg).double().eval()
-    model.load_state_dict(state_dict, strict=True)  # the file's own names, not re-derived ones
-    with torch.no_grad():
-        return model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-
-
-def _run_flax(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
-    import jax
-    from flax import traverse_util
-
-    from backends.flax_vit import VisionTransformer
-
-    flat = {k: v.astype(np.float64) for k, v in read_tensors(dst)[0].items()}
-    tree = traverse_util.unflatten_dict(flat, sep="/")
-    with jax.enable_x64(True):  # scoped: float64 here only, the process's default stays float32
-        return np.asarray(VisionTransformer(config=cfg).apply({"params": tree}, images))
-
-
 def _target_format(dst: Path, to_fmt: str | None, out: TextIO) -> str:
     if to_fmt:
         return resolve_format(to_fmt)
     fmt = format_of_suffix(dst)
     if fmt is None:
-        raise FormatError(f"{dst}: cannot tell the target format from suffix {dst.suffix!r}; "
-                          f"pass --to, one of {', '.join(FORMATS)}")
+        raise FormatError(
+            f"{dst}: cannot tell the target format from suffix {dst.suffix!r}; "
+            f"pass --to, one of {', '.join(FORMATS)}"
+        )
     print(f"target format {fmt}: from the suffix {dst.suffix!r} (pass --to to choose another)", file=out)
     return fmt
 
@@ -177,8 +119,10 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
     if cfg.image_size != source.cfg.image_size:
         old, new = source.cfg.grid_size, cfg.grid_size
         if cfg.posemb == "learned":
-            what = (f"position embedding resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} "
-                    "(bilinear, big_vision's)")
+            what = (
+                f"position embedding resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} "
+                "(bilinear, big_vision's)"
+            )
         else:
             what = f"no learned position embedding to resample ({cfg.posemb})"
         print(f"image size {source.cfg.image_size} -> {cfg.image_size}: {what}", file=out)
@@ -190,31 +134,11 @@ def _print_unstored(out: TextIO, fmt: str, cfg: ViTConfig) -> None:
     """Which flags a reader of the written file needs to get `cfg` back, i.e. what the file cannot show."""
     needed = flags_needed_to_read_back(fmt, cfg)
     if needed:
-        print(f"WARNING: a {fmt} file does not show all of this config; read it back with "
-              + " ".join(f"{flag} {value}" for flag, value in needed.items()), file=out)
-
-
-def flags_needed_to_read_back(fmt: str, cfg: ViTConfig) -> dict[str, str]:
-    """{CLI flag: value} without which reading a `fmt` file of `cfg` would give another config.
-
-    Each flag is dropped in turn from the full set: if inference then fails or disagrees with
-    `cfg`, the file cannot show that field. Only names and shapes matter, so the arrays are
-    zero-memory stand-ins.
-    """
-    layout = EXTERNAL[fmt]
-    shapes = {r.native: np.broadcast_to(np.float32(0), r.native_shape) for r in layout.table(cfg)}
-    full = reading_flags(cfg)
-    needed = {}
-    for flag in READING_FLAGS:
-        try:
-            inferred = layout.infer_config(shapes, **{k: v for k, v in full.items() if k != flag.keyword})
-            same = getattr(inferred, flag.field) == getattr(cfg, flag.field)
-        except FormatError:
-            same = False
-        if not same:
-            value = full[flag.keyword]
-            needed[flag.cli] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return needed
+        print(
+            f"WARNING: a {fmt} file does not show all of this config; read it back with "
+            + " ".join(f"{flag} {value}" for flag, value in needed.items()),
+            file=out,
+        )
 
 
 def _as_pair(size: Size) -> tuple[int, int]:
@@ -232,20 +156,30 @@ def _size(text: str) -> Size:
 
 
 def build_parser(prog: str = "vitspec convert") -> argparse.ArgumentParser:
-    formats = "\n".join([f"  {REFERENCE:8} vitspec reference tree with its config (.safetensors, .npz)"]
-                         + [f"  {name:8} {layout.description}" for name, layout in EXTERNAL.items()])
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     epilog=f"formats:\n{formats}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    formats = "\n".join(
+        [f"  {REFERENCE:8} vitspec reference tree with its config (.safetensors, .npz)"]
+        + [f"  {name:8} {layout.description}" for name, layout in EXTERNAL.items()]
+    )
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        epilog=f"formats:\n{formats}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--from", dest="from_fmt", metavar="FMT", help=f"source format: {', '.join(FORMATS)}")
     parser.add_argument("--to", dest="to_fmt", metavar="FMT", help="target format (default: from the suffix)")
     parser.add_argument("--image-size", type=_size, metavar="H[,W]", help="resample the posemb to this size")
-    parser.add_argument("--source-image-size", type=_size, metavar="H[,W]",
-                        help="the source's image size, where the posemb cannot show it")
-    parser.add_argument("--heads", type=int, metavar="N",
-                        help="attention heads (torch and hf files do not store them)")
+    parser.add_argument(
+        "--source-image-size",
+        type=_size,
+        metavar="H[,W]",
+        help="the source's image size, where the posemb cannot show it",
+    )
+    parser.add_argument(
+        "--heads", type=int, metavar="N", help="attention heads (torch and hf files do not store them)"
+    )
     parser.add_argument("--gelu", choices=GELUS)
     parser.add_argument("--ln-eps", type=float, metavar="X")
     parser.add_argument("--posemb", choices=POSEMBS)
@@ -258,11 +192,22 @@ def build_parser(prog: str = "vitspec convert") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "vitspec convert") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
-        convert(args.src, args.dst, from_fmt=args.from_fmt, to_fmt=args.to_fmt, image_size=args.image_size,
-                source_image_size=args.source_image_size, check=args.check, overwrite=args.overwrite,
-                heads=args.heads, gelu=args.gelu, ln_eps=args.ln_eps, posemb=args.posemb, pool=args.pool)
+        convert(
+            args.src,
+            args.dst,
+            from_fmt=args.from_fmt,
+            to_fmt=args.to_fmt,
+            image_size=args.image_size,
+            source_image_size=args.source_image_size,
+            check=args.check,
+            overwrite=args.overwrite,
+            heads=args.heads,
+            gelu=args.gelu,
+            ln_eps=args.ln_eps,
+            posemb=args.posemb,
+            pool=args.pool,
+        )
     except (FormatError, CheckpointError, ParamTreeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-

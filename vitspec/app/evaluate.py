@@ -29,20 +29,24 @@ from vitspec.recipe import Recipe
 BACKENDS = ("numpy", "torch", "flax")
 
 
-def numpy_predictor(cfg: ViTConfig, params: dict, stats: datasets.ChannelStats
-                    ) -> Callable[[np.ndarray], np.ndarray]:
+def numpy_predictor(
+    cfg: ViTConfig, params: dict, stats: datasets.ChannelStats
+) -> Callable[[np.ndarray], np.ndarray]:
     params32 = {k: np.asarray(v, np.float32) for k, v in params.items()}
     return lambda images: vitspec.forward(cfg, params32, datasets.normalize(images, stats.mean, stats.std))
 
 
-def predictor(backend: str, cfg: ViTConfig, params: dict, stats: datasets.ChannelStats,
-              precision: str = "fp32") -> Callable[[np.ndarray], np.ndarray]:
+def predictor(
+    backend: str, cfg: ViTConfig, params: dict, stats: datasets.ChannelStats, precision: str = "fp32"
+) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 NHWC images -> float32 logits, by `backend` (imported only when asked for)."""
     if backend == "numpy":
         return numpy_predictor(cfg, params, stats)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    return create_backend(backend, cfg, params, Recipe(), normalization_table(stats), precision, 0).eval_logits
+    return create_backend(
+        backend, cfg, params, Recipe(), normalization_table(stats), precision, 0
+    ).eval_logits
 
 
 def format_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> str:
@@ -50,8 +54,10 @@ def format_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> str:
     labels = [name[:12] for name in class_names]
     label_width = max(map(len, labels))
     header = " " * (label_width + 1) + "".join(f"{i:>{width}d}" for i in range(len(labels)))
-    rows = [f"{label:>{label_width}} " + "".join(f"{c:>{width}d}" for c in row)
-            for label, row in zip(labels, confusion)]
+    rows = [
+        f"{label:>{label_width}} " + "".join(f"{c:>{width}d}" for c in row)
+        for label, row in zip(labels, confusion, strict=True)
+    ]
     return "\n".join(["rows: true class, columns: predicted (class index)", header, *rows])
 
 
@@ -61,8 +67,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "vitspec evaluate") -> E
     parser.add_argument("--backend", choices=BACKENDS, default="numpy")
     parser.add_argument("--dataset", choices=list(DATASETS), required=True)
     parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--validation-size", type=int, default=datasets.DEFAULT_VALIDATION_SIZE,
-                        help="as in training (only --split validation depends on it)")
+    parser.add_argument(
+        "--validation-size",
+        type=int,
+        default=datasets.DEFAULT_VALIDATION_SIZE,
+        help="as in training (only --split validation depends on it)",
+    )
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="torch and flax only")
@@ -75,13 +85,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "vitspec evaluate") -> E
     predict = predictor(args.backend, cfg, params, dataset.stats, args.precision)
     result = evaluate(predict, images, cfg.num_classes, args.batch_size)
     top5 = f", top-5 {100 * result.top5:.2f}%" if result.top5 is not None else ""
-    print(f"{args.backend}: {args.checkpoint} on {args.dataset} {args.split} ({len(images)} images): "
-          f"top-1 {100 * result.top1:.2f}%{top5}")
+    print(
+        f"{args.backend}: {args.checkpoint} on {args.dataset} {args.split} ({len(images)} images): "
+        f"top-1 {100 * result.top1:.2f}%{top5}"
+    )
     if cfg.num_classes <= 20:
         print(format_confusion(result.confusion, dataset.class_names))
     if args.json:
-        write_json(args.json, {"backend": args.backend, "checkpoint": str(args.checkpoint),
-                                        "split": args.split, "top1": result.top1, "top5": result.top5,
-                                        "confusion": result.confusion.tolist()})
+        write_json(
+            args.json,
+            {
+                "backend": args.backend,
+                "checkpoint": str(args.checkpoint),
+                "split": args.split,
+                "top1": result.top1,
+                "top5": result.top5,
+                "confusion": result.confusion.tolist(),
+            },
+        )
     return result
-

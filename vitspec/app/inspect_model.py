@@ -1,7 +1,7 @@
 """Look at a model of the spec and check the reference's gradients.
 
-    vitspec summary B/16 [--time]      parameter table, counts, forward time
-    vitspec gradcheck [--examples N]   analytic gradients vs finite differences
+vitspec summary B/16 [--time]      parameter table, counts, forward time
+vitspec gradcheck [--examples N]   analytic gradients vs finite differences
 """
 
 from __future__ import annotations
@@ -24,18 +24,27 @@ def summary(cfg: ViTConfig, time_forward: bool, batch: int, repeats: int) -> Non
     for name, shape in shapes.items():
         print(f"{name:<{width}}  {str(shape):<20}  {int(np.prod(shape)):>12,}")
     print(f"{'total':<{width}}  {'':<20}  {vitspec.num_params(cfg):>12,}")
-    print(f"\ntokens {cfg.num_tokens} (prefix {cfg.num_prefix_tokens} + patches {cfg.grid_size[0]}x{cfg.grid_size[1]})")
+    print(
+        f"\ntokens {cfg.num_tokens} (prefix {cfg.num_prefix_tokens} + patches "
+        f"{cfg.grid_size[0]}x{cfg.grid_size[1]})"
+    )
     if time_forward:
         params = vitspec.init_params(cfg, seed=0)
-        images = np.random.default_rng(0).standard_normal((batch, *cfg.image_size, cfg.in_channels)).astype(np.float32)
+        images = (
+            np.random.default_rng(0)
+            .standard_normal((batch, *cfg.image_size, cfg.in_channels))
+            .astype(np.float32)
+        )
         vitspec.forward(cfg, params, images)  # warm-up: first-touch of the weights
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             vitspec.forward(cfg, params, images)
             times.append(time.perf_counter() - start)
-        print(f"float32 forward, batch {batch}: median {np.median(times):.3f} s, "
-              f"min {min(times):.3f} s, max {max(times):.3f} s over {repeats} runs")
+        print(
+            f"float32 forward, batch {batch}: median {np.median(times):.3f} s, "
+            f"min {min(times):.3f} s, max {max(times):.3f} s over {repeats} runs"
+        )
 
 
 def gradcheck(examples: int, seed: int) -> bool:
@@ -48,13 +57,22 @@ def gradcheck(examples: int, seed: int) -> bool:
         images = random_images(cfg, 2, seed + i)
         labels = rng.integers(0, cfg.num_classes, size=2)
         _, grads = vitspec.loss_and_grad(cfg, params, images, labels, label_smoothing=0.1)
-        errors = fd_errors(lambda p, x: vitspec.cross_entropy(vitspec.forward(cfg, p, x), labels, 0.1),
-                           params, images, grads, rng)
+        errors = fd_errors(
+            lambda p, x, cfg=cfg, labels=labels: vitspec.cross_entropy(
+                vitspec.forward(cfg, p, x), labels, 0.1
+            ),
+            params,
+            images,
+            grads,
+            rng,
+        )
         name = max(errors, key=errors.get)
         worst_overall = max(worst_overall, errors[name])
-        knobs = (f"pool={cfg.pool} posemb={cfg.posemb} on_cls={cfg.posemb_on_cls} cls={cfg.class_token} "
-                 f"reg={cfg.num_registers} qk_norm={cfg.qk_norm} ls={cfg.layer_scale} fc_norm={cfg.fc_norm} "
-                 f"rep={cfg.representation_size} gelu={cfg.gelu}")
+        knobs = (
+            f"pool={cfg.pool} posemb={cfg.posemb} on_cls={cfg.posemb_on_cls} cls={cfg.class_token} "
+            f"reg={cfg.num_registers} qk_norm={cfg.qk_norm} ls={cfg.layer_scale} fc_norm={cfg.fc_norm} "
+            f"rep={cfg.representation_size} gelu={cfg.gelu}"
+        )
         print(f"[{i + 1}/{examples}] {len(errors)} tensors, worst {name}: {errors[name]:.2e}   {knobs}")
     ok = worst_overall <= REL_BOUND
     print(f"\nmax relative error {worst_overall:.2e} (bound {REL_BOUND:g}): {'OK' if ok else 'FAILED'}")
@@ -68,11 +86,26 @@ def _random_small_config(rng: np.random.Generator) -> ViTConfig:
     posemb = str(rng.choice(["learned", "sincos2d", "none"]))
     on_cls = False if posemb == "sincos2d" and (class_token or registers) else bool(rng.integers(2))
     return ViTConfig(
-        image_size=(8, 12), patch_size=(4, 4), in_channels=3, width=16, depth=2, num_heads=4, mlp_dim=32,
-        num_classes=5, pool=pool, class_token=class_token, num_registers=registers, posemb=posemb,
-        posemb_on_cls=on_cls, fc_norm=bool(rng.integers(2)), qk_norm=bool(rng.integers(2)),
-        qkv_bias=bool(rng.integers(2)), layer_scale=[None, 0.1][rng.integers(2)],
-        representation_size=[None, 6][rng.integers(2)], gelu=str(rng.choice(["exact", "tanh"])))
+        image_size=(8, 12),
+        patch_size=(4, 4),
+        in_channels=3,
+        width=16,
+        depth=2,
+        num_heads=4,
+        mlp_dim=32,
+        num_classes=5,
+        pool=pool,
+        class_token=class_token,
+        num_registers=registers,
+        posemb=posemb,
+        posemb_on_cls=on_cls,
+        fc_norm=bool(rng.integers(2)),
+        qk_norm=bool(rng.integers(2)),
+        qkv_bias=bool(rng.integers(2)),
+        layer_scale=[None, 0.1][rng.integers(2)],
+        representation_size=[None, 6][rng.integers(2)],
+        gelu=str(rng.choice(["exact", "tanh"])),
+    )
 
 
 def summary_main(argv: list[str] | None = None, prog: str = "vitspec summary") -> int:
@@ -84,8 +117,9 @@ def summary_main(argv: list[str] | None = None, prog: str = "vitspec summary") -
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in (("num_classes", args.num_classes), ("image_size", args.image_size))
-                 if v is not None}
+    overrides = {
+        k: v for k, v in (("num_classes", args.num_classes), ("image_size", args.image_size)) if v is not None
+    }
     try:
         cfg = vitspec.variant(args.variant, **overrides)
     except ValueError as e:
@@ -95,7 +129,9 @@ def summary_main(argv: list[str] | None = None, prog: str = "vitspec summary") -
 
 
 def gradcheck_main(argv: list[str] | None = None, prog: str = "vitspec gradcheck") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="analytic gradients vs finite differences, float64")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="analytic gradients vs finite differences, float64"
+    )
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -15,21 +15,31 @@ import numpy as np
 
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision, hf, timm, vit_jax
-from vitspec.formats.base import CONFIG_FIELDS, Format, check_flags
+from vitspec.formats.base import Format
 from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, load, save
 from vitspec.formats.files import TORCH_SUFFIXES, read_tensors, write_tensors
+from vitspec.formats.inference import CONFIG_FIELDS, READING_FLAGS, check_flags, reading_flags
 from vitspec.formats.table import FormatError
 from vitspec.params import validate_params
 
 REFERENCE = "ref"
-EXTERNAL: dict[str, Format] = {f.name: f for f in (timm.FORMAT, big_vision.FORMAT, vit_jax.FORMAT, hf.FORMAT,
-                                                    hf.FORMAT_4X)}
+EXTERNAL: dict[str, Format] = {
+    f.name: f for f in (timm.FORMAT, big_vision.FORMAT, vit_jax.FORMAT, hf.FORMAT, hf.FORMAT_4X)
+}
 FORMATS = (REFERENCE, *EXTERNAL)
 ALIASES = {"timm": timm.NAME, "big_vision": big_vision.NAME, "reference": REFERENCE}
 REFERENCE_SUFFIXES = (".safetensors", ".npz")
 
-__all__ = ["FORMATS", "FormatError", "Loaded", "detect_format", "load_any", "load_with_notes",
-           "resolve_format", "save_any"]
+__all__ = [
+    "FORMATS",
+    "FormatError",
+    "Loaded",
+    "detect_format",
+    "load_any",
+    "load_with_notes",
+    "resolve_format",
+    "save_any",
+]
 
 
 class Loaded(NamedTuple):
@@ -42,8 +52,10 @@ class Loaded(NamedTuple):
 def resolve_format(name: str) -> str:
     fmt = ALIASES.get(name, name)
     if fmt not in FORMATS:
-        raise FormatError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)} "
-                          f"(aliases: {', '.join(f'{a}={f}' for a, f in ALIASES.items())})")
+        raise FormatError(
+            f"unknown format {name!r}; known formats: {', '.join(FORMATS)} "
+            f"(aliases: {', '.join(f'{a}={f}' for a, f in ALIASES.items())})"
+        )
     return fmt
 
 
@@ -59,8 +71,10 @@ def detect_format(path: str | Path, arrays: dict[str, np.ndarray], metadata: dic
     if "embedding/kernel" in keys:
         vit_jax_names = vit_jax.POSEMB in keys or any("MultiHeadDotProductAttention_1" in k for k in keys)
         return vit_jax.NAME if vit_jax_names else big_vision.NAME
-    raise FormatError(f"{path}: cannot tell the checkpoint format from its keys (first: {sorted(keys)[:6]}); "
-                      f"pass --from, one of {', '.join(FORMATS)}")
+    raise FormatError(
+        f"{path}: cannot tell the checkpoint format from its keys (first: {sorted(keys)[:6]}); "
+        f"pass --from, one of {', '.join(FORMATS)}"
+    )
 
 
 def load_with_notes(path: str | Path, fmt: str | None = None, **flags: Any) -> Loaded:
@@ -79,8 +93,9 @@ def load_with_notes(path: str | Path, fmt: str | None = None, **flags: Any) -> L
     return Loaded(fmt, cfg, params, notes)
 
 
-def load_any(path: str | Path, fmt: str | None = None,
-             **flags: Any) -> tuple[ViTConfig, dict[str, np.ndarray]]:
+def load_any(
+    path: str | Path, fmt: str | None = None, **flags: Any
+) -> tuple[ViTConfig, dict[str, np.ndarray]]:
     """(config, reference params) of a checkpoint in any supported format.
 
     `fmt` is detected from the file when None. `flags` (heads, gelu, ln_eps, posemb, pool,
@@ -96,8 +111,10 @@ def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: dict[str, np.nd
     path = Path(path)
     suffixes = REFERENCE_SUFFIXES if fmt == REFERENCE else EXTERNAL[fmt].suffixes
     if path.suffix not in suffixes:
-        raise FormatError(f"{path}: a {fmt} checkpoint is written as one of {list(suffixes)}, "
-                          f"not {path.suffix or 'no suffix'!r}")
+        raise FormatError(
+            f"{path}: a {fmt} checkpoint is written as one of {list(suffixes)}, "
+            f"not {path.suffix or 'no suffix'!r}"
+        )
     if fmt == REFERENCE:
         save(path, cfg, params)
     else:
@@ -126,3 +143,25 @@ def _check_flags_agree(cfg: ViTConfig, flags: dict[str, Any], path) -> None:
     if disagree:
         raise FormatError(f"inconsistent flags for {path}: " + "; ".join(disagree))
 
+
+def flags_needed_to_read_back(fmt: str, cfg: ViTConfig) -> dict[str, str]:
+    """{CLI flag: value} without which reading a `fmt` file of `cfg` would give another config.
+
+    Each flag is dropped in turn from the full set: if inference then fails or disagrees with
+    `cfg`, the file cannot show that field. Only names and shapes matter, so the arrays are
+    zero-memory stand-ins.
+    """
+    layout = EXTERNAL[fmt]
+    shapes = {r.native: np.broadcast_to(np.float32(0), r.native_shape) for r in layout.table(cfg)}
+    full = reading_flags(cfg)
+    needed = {}
+    for flag in READING_FLAGS:
+        try:
+            inferred = layout.infer_config(shapes, **{k: v for k, v in full.items() if k != flag.keyword})
+            same = getattr(inferred, flag.field) == getattr(cfg, flag.field)
+        except FormatError:
+            same = False
+        if not same:
+            value = full[flag.keyword]
+            needed[flag.cli] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return needed

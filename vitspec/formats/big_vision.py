@@ -16,7 +16,8 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import Convention, Facts, Format, count_blocks, optional_dim, require
+from vitspec.formats.base import Format, count_blocks, optional_dim, require
+from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.table import Layout, Rule, rule, token_rule
 
 NAME = "flax"
@@ -47,13 +48,16 @@ def attention_rules(ref: str, native: str, cfg: ViTConfig, qkv_bias: bool, qk_no
 
 
 def mlp_rules(ref: str, native: str, cfg: ViTConfig) -> list[Rule]:
-    return (dense_rules(f"{ref}/fc1", f"{native}/Dense_0", cfg)
-            + dense_rules(f"{ref}/fc2", f"{native}/Dense_1", cfg))
+    return dense_rules(f"{ref}/fc1", f"{native}/Dense_0", cfg) + dense_rules(
+        f"{ref}/fc2", f"{native}/Dense_1", cfg
+    )
 
 
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
-    table = [rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
-             rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg)]
+    table = [
+        rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
+        rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg),
+    ]
     if cfg.class_token:
         table.append(token_rule("cls_token", "cls", cfg))
     if cfg.num_registers:
@@ -63,8 +67,9 @@ def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[R
     for i in range(cfg.depth):
         ref, native = f"blocks/{i}", f"Transformer/encoderblock_{i}"
         table += norm_rules(f"{ref}/norm1", f"{native}/LayerNorm_0", cfg)
-        table += attention_rules(f"{ref}/attn", f"{native}/MultiHeadDotProductAttention_0", cfg,
-                                 cfg.qkv_bias, cfg.qk_norm)
+        table += attention_rules(
+            f"{ref}/attn", f"{native}/MultiHeadDotProductAttention_0", cfg, cfg.qkv_bias, cfg.qk_norm
+        )
         if cfg.layer_scale is not None:
             table.append(rule(f"{ref}/ls1/scale", f"{native}/LayerScale_0/scale", Layout.RESHAPE, cfg))
         table += norm_rules(f"{ref}/norm2", f"{native}/LayerNorm_1", cfg)
@@ -75,8 +80,9 @@ def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[R
         table += norm_rules("norm", "Transformer/encoder_norm", cfg)
     if cfg.pool == "map":
         table.append(token_rule("map_head/probe", "MAPHead_0/probe", cfg))
-        table += attention_rules("map_head/attn", "MAPHead_0/MultiHeadDotProductAttention_0", cfg,
-                                 qkv_bias=True, qk_norm=False)
+        table += attention_rules(
+            "map_head/attn", "MAPHead_0/MultiHeadDotProductAttention_0", cfg, qkv_bias=True, qk_norm=False
+        )
         table += norm_rules("map_head/norm", "MAPHead_0/LayerNorm_0", cfg)
         table += mlp_rules("map_head/mlp", "MAPHead_0/MlpBlock_0", cfg)
     if cfg.fc_norm:
@@ -92,8 +98,9 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
     return []
 
 
-def flax_facts(native: Mapping[str, np.ndarray], fmt: str, attention: str, mlp: str,
-               posemb_key: str) -> Facts:
+def flax_facts(
+    native: Mapping[str, np.ndarray], fmt: str, attention: str, mlp: str, posemb_key: str
+) -> Facts:
     """Facts of a flax ViT tree; big_vision and vision_transformer differ only in these names."""
     ph, pw, channels, width = require(native, "embedding/kernel", fmt).shape
     first = "Transformer/encoderblock_0"
@@ -102,24 +109,36 @@ def flax_facts(native: Mapping[str, np.ndarray], fmt: str, attention: str, mlp: 
         width=int(width),
         depth=count_blocks(native, r"Transformer/encoderblock_(\d+)/LayerNorm_0/scale", fmt),
         mlp_dim=int(require(native, f"{first}/{mlp}/Dense_0/kernel", fmt).shape[1]),
-        patch_size=(int(ph), int(pw)), in_channels=int(channels),
+        patch_size=(int(ph), int(pw)),
+        in_channels=int(channels),
         num_classes=optional_dim(native, "head/kernel", 1) or 0,
         representation_size=optional_dim(native, "pre_logits/kernel", 1),
-        class_token="cls" in native, num_registers=optional_dim(native, "reg", 1) or 0,
+        class_token="cls" in native,
+        num_registers=optional_dim(native, "reg", 1) or 0,
         posemb_rows=optional_dim(native, posemb_key, 1),
         qkv_bias=f"{first}/{attention}/query/bias" in native,
         qk_norm=f"{first}/{attention}/query_ln/scale" in native,
         layer_scale=f"{first}/LayerScale_0/scale" in native,
-        fc_norm="fc_norm/scale" in native, map_head="MAPHead_0/probe" in native, heads=int(heads))
+        fc_norm="fc_norm/scale" in native,
+        map_head="MAPHead_0/probe" in native,
+        heads=int(heads),
+    )
 
 
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
-    return flax_facts(native, "flax (big_vision)", "MultiHeadDotProductAttention_0", "MlpBlock_0",
-                      "pos_embedding")
+    return flax_facts(
+        native, "flax (big_vision)", "MultiHeadDotProductAttention_0", "MlpBlock_0", "pos_embedding"
+    )
 
 
 FORMAT = Format(
-    name=NAME, description="big_vision / flax ViT params (.npz of '/'-joined paths, .msgpack)",
-    convention=Convention("big_vision", gelu="tanh", ln_eps=1e-6, posemb_absent="sincos2d",
-                          posemb_on_cls=False),
-    build_table=_table, cannot_express=_cannot_express, read_facts=_facts, suffixes=(".npz", ".msgpack"))
+    name=NAME,
+    description="big_vision / flax ViT params (.npz of '/'-joined paths, .msgpack)",
+    convention=Convention(
+        "big_vision", gelu="tanh", ln_eps=1e-6, posemb_absent="sincos2d", posemb_on_cls=False
+    ),
+    build_table=_table,
+    cannot_express=_cannot_express,
+    read_facts=_facts,
+    suffixes=(".npz", ".msgpack"),
+)

@@ -30,8 +30,17 @@ FORMAT_KEY = "format"
 FORMAT_VALUE = "vitspec-reference"
 NPZ_CONFIG_KEY = "__vitspec_config__"
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -61,10 +70,15 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     for name, value in tensors.items():
         value = np.ascontiguousarray(value)
         if value.dtype not in _ST_NAMES:
-            raise CheckpointError(f"tensor {name!r} has dtype {value.dtype}, which safetensors here does not store")
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {value.dtype}, which safetensors here does not store"
+            )
         blob = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _ST_NAMES[value.dtype], "shape": list(value.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": _ST_NAMES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -92,16 +106,20 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise CheckpointError(f"{path}: {len(data)} bytes is too short for a safetensors file (truncated?)")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(_MAX_HEADER, len(data) - 8):
-        raise CheckpointError(f"{path}: header length {header_len} exceeds the file's {len(data)} bytes "
-                              "(truncated, or not a safetensors file)")
+        raise CheckpointError(
+            f"{path}: header length {header_len} exceeds the file's {len(data)} bytes "
+            "(truncated, or not a safetensors file)"
+        )
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(data[8 : 8 + header_len])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); not a safetensors file?")
+        raise CheckpointError(
+            f"{path}: the safetensors header is not valid JSON ({e}); not a safetensors file?"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + header_len:]
+    body = memoryview(data)[8 + header_len :]
     tensors = {}
     for name, info in header.items():
         try:
@@ -109,8 +127,10 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from None
         if end > len(body) or begin > end:
-            raise CheckpointError(f"{path}: tensor {name!r} needs bytes [{begin}, {end}) but the data section has "
-                                  f"{len(body)} (truncated file)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} needs bytes [{begin}, {end}) but the data section has "
+                f"{len(body)} (truncated file)"
+            )
         raw = bytes(body[begin:end])
         if dtype == "BF16":
             expected = 2 * int(np.prod(shape))
@@ -118,13 +138,20 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         elif dtype in _ST_DTYPES:
             np_dtype = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
             expected = np_dtype.itemsize * int(np.prod(shape))
-            value = np.frombuffer(raw, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("=")) \
-                if len(raw) == expected else None
+            value = (
+                np.frombuffer(raw, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("="))
+                if len(raw) == expected
+                else None
+            )
         else:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which this reader does not support")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {dtype}, which this reader does not support"
+            )
         if value is None:
-            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} ({dtype}) should have {expected} bytes, "
-                                  f"has {len(raw)}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} of shape {shape} ({dtype}) should have {expected} bytes, "
+                f"has {len(raw)}"
+            )
         tensors[name] = value
     return tensors, metadata
 
@@ -167,8 +194,10 @@ def load(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, np.ndarray]]:
     else:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
     if config_json is None:
-        raise CheckpointError(f"{path}: no vitspec config in the file; it is not a vitspec reference checkpoint "
-                              "(convert foreign checkpoints with `vitspec convert`)")
+        raise CheckpointError(
+            f"{path}: no vitspec config in the file; it is not a vitspec reference checkpoint "
+            "(convert foreign checkpoints with `vitspec convert`)"
+        )
     try:
         cfg = ViTConfig.from_json(config_json)
     except (ValueError, TypeError) as e:

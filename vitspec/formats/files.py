@@ -76,8 +76,10 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); truncated or foreign?") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); truncated or foreign?"
+        ) from None
     for wrapper in _STATE_DICT_WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -86,8 +88,10 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     foreign = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if foreign:
-        raise CheckpointError(f"{path}: entries that are not tensors: {foreign}; not a plain state dict "
-                              f"(wrappers understood: {list(_STATE_DICT_WRAPPERS)})")
+        raise CheckpointError(
+            f"{path}: entries that are not tensors: {foreign}; not a plain state dict "
+            f"(wrappers understood: {list(_STATE_DICT_WRAPPERS)})"
+        )
     return {k: tensor_to_numpy(v) for k, v in obj.items()}
 
 
@@ -118,5 +122,5 @@ def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
 def _strip_tree_prefix(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for prefix in _TREE_PREFIXES:
         if arrays and all(k.startswith(prefix) for k in arrays):
-            return {k[len(prefix):]: v for k, v in arrays.items()}
+            return {k[len(prefix) :]: v for k, v in arrays.items()}
     return arrays

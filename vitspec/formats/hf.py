@@ -26,7 +26,8 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import Convention, Facts, Format, count_blocks, optional_dim, require
+from vitspec.formats.base import Format, count_blocks, optional_dim, require
+from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.table import Layout, Rule, rule, token_rule
 
 NAME = "hf"
@@ -48,10 +49,24 @@ class Naming:
         return f"{self.layers}{i}"
 
 
-TRANSFORMERS_5 = Naming("layers.", "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
-                        "mlp.fc1", "mlp.fc2")
-TRANSFORMERS_4 = Naming("encoder.layer.", "attention.attention.query", "attention.attention.key",
-                        "attention.attention.value", "attention.output.dense", "intermediate.dense", "output.dense")
+TRANSFORMERS_5 = Naming(
+    "layers.",
+    "attention.q_proj",
+    "attention.k_proj",
+    "attention.v_proj",
+    "attention.o_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+TRANSFORMERS_4 = Naming(
+    "encoder.layer.",
+    "attention.attention.query",
+    "attention.attention.key",
+    "attention.attention.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 
 
 def naming_of(native_keys: Collection[str]) -> Naming:
@@ -69,19 +84,21 @@ def _table(writes: Naming, cfg: ViTConfig, native_keys: Collection[str] | None =
     n = naming_of(native_keys) if native_keys is not None else writes
 
     def norm(ref, native):
-        return [rule(f"{ref}/scale", f"{native}.weight", Layout.RESHAPE, cfg),
-                rule(f"{ref}/bias", f"{native}.bias", Layout.RESHAPE, cfg)]
+        return [
+            rule(f"{ref}/scale", f"{native}.weight", Layout.RESHAPE, cfg),
+            rule(f"{ref}/bias", f"{native}.bias", Layout.RESHAPE, cfg),
+        ]
 
     def dense(ref, native, bias=True):
         rules = [rule(f"{ref}/kernel", f"{native}.weight", Layout.TRANSPOSE, cfg)]
         return rules + ([rule(f"{ref}/bias", f"{native}.bias", Layout.RESHAPE, cfg)] if bias else [])
 
-    table = [token_rule("cls_token", f"{p}embeddings.cls_token", cfg),
-             token_rule("pos_embed", f"{p}embeddings.position_embeddings", cfg),
-             rule("patch_embed/kernel", f"{p}embeddings.patch_embeddings.projection.weight", Layout.CONV,
-                  cfg),
-             rule("patch_embed/bias", f"{p}embeddings.patch_embeddings.projection.bias", Layout.RESHAPE,
-                  cfg)]
+    table = [
+        token_rule("cls_token", f"{p}embeddings.cls_token", cfg),
+        token_rule("pos_embed", f"{p}embeddings.position_embeddings", cfg),
+        rule("patch_embed/kernel", f"{p}embeddings.patch_embeddings.projection.weight", Layout.CONV, cfg),
+        rule("patch_embed/bias", f"{p}embeddings.patch_embeddings.projection.bias", Layout.RESHAPE, cfg),
+    ]
     for i in range(cfg.depth):
         ref, native = f"blocks/{i}", f"{p}{n.layer(i)}"
         table += norm(f"{ref}/norm1", f"{native}.layernorm_before")
@@ -111,10 +128,14 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
         (not cfg.qk_norm, "no qk-norm"),
         (cfg.layer_scale is None, "no LayerScale"),
         (not cfg.fc_norm, "no fc_norm (the encoder norm is before pooling)"),
-        (cfg.representation_size in (None, cfg.width),
-         f"the pooler is width x width (config: representation_size={cfg.representation_size})"),
-        (not (cfg.representation_size and cfg.num_classes),
-         "ViTForImageClassification has no pooler: a pre-logits layer needs num_classes=0 (ViTModel)"),
+        (
+            cfg.representation_size in (None, cfg.width),
+            f"the pooler is width x width (config: representation_size={cfg.representation_size})",
+        ),
+        (
+            not (cfg.representation_size and cfg.num_classes),
+            "ViTForImageClassification has no pooler: a pre-logits layer needs num_classes=0 (ViTModel)",
+        ),
     ]
     return [reason for ok, reason in checks if not ok]
 
@@ -128,23 +149,39 @@ def _facts(native: Mapping[str, np.ndarray]) -> Facts:
         width=int(width),
         depth=count_blocks(native, re.escape(p + n.layers) + r"(\d+)\.layernorm_before\.weight", fmt),
         mlp_dim=int(require(native, f"{p}{n.layer(0)}.{n.fc1}.weight", fmt).shape[0]),
-        patch_size=(int(ph), int(pw)), in_channels=int(channels),
+        patch_size=(int(ph), int(pw)),
+        in_channels=int(channels),
         num_classes=optional_dim(native, "classifier.weight", 0) or 0,
         representation_size=optional_dim(native, f"{p}pooler.dense.weight", 0),
-        class_token=f"{p}embeddings.cls_token" in native, num_registers=0,
+        class_token=f"{p}embeddings.cls_token" in native,
+        num_registers=0,
         posemb_rows=optional_dim(native, f"{p}embeddings.position_embeddings", 1),
         qkv_bias=f"{p}{n.layer(0)}.{n.query}.bias" in native,
-        qk_norm=False, layer_scale=False, fc_norm=False, map_head=False, heads=None)
+        qk_norm=False,
+        layer_scale=False,
+        fc_norm=False,
+        map_head=False,
+        heads=None,
+    )
 
 
 def _format(name: str, writes: Naming, description: str) -> Format:
     return Format(
-        name=name, description=description,
-        convention=Convention("Hugging Face", gelu="exact", ln_eps=1e-12, posemb_absent="learned",
-                              posemb_on_cls=True),
-        build_table=functools.partial(_table, writes), cannot_express=_cannot_express, read_facts=_facts,
-        suffixes=(".safetensors", ".bin", ".pt", ".pth"))
+        name=name,
+        description=description,
+        convention=Convention(
+            "Hugging Face", gelu="exact", ln_eps=1e-12, posemb_absent="learned", posemb_on_cls=True
+        ),
+        build_table=functools.partial(_table, writes),
+        cannot_express=_cannot_express,
+        read_facts=_facts,
+        suffixes=(".safetensors", ".bin", ".pt", ".pth"),
+    )
 
 
-FORMAT = _format(NAME, TRANSFORMERS_5, "Hugging Face ViTModel / ViTForImageClassification (transformers >= 5 names)")
-FORMAT_4X = _format(NAME_4X, TRANSFORMERS_4, "Hugging Face ViTModel / ViTForImageClassification (transformers 4.x names)")
+FORMAT = _format(
+    NAME, TRANSFORMERS_5, "Hugging Face ViTModel / ViTForImageClassification (transformers >= 5 names)"
+)
+FORMAT_4X = _format(
+    NAME_4X, TRANSFORMERS_4, "Hugging Face ViTModel / ViTForImageClassification (transformers 4.x names)"
+)

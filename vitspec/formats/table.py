@@ -97,8 +97,13 @@ def to_reference(layout: Layout, array: np.ndarray, shapes: list[Shape]) -> list
     return [np.ascontiguousarray(p) for p in parts]
 
 
-def rule(reference: str | tuple[str, ...], native: str, layout: Layout, cfg: ViTConfig,
-         reshape_to: Shape | None = None) -> Rule:
+def rule(
+    reference: str | tuple[str, ...],
+    native: str,
+    layout: Layout,
+    cfg: ViTConfig,
+    reshape_to: Shape | None = None,
+) -> Rule:
     """One row of a table; the native shape follows from the reference shapes and the layout."""
     names = (reference,) if isinstance(reference, str) else reference
     shapes = param_shapes(cfg)
@@ -111,30 +116,33 @@ def token_rule(reference: str, native: str, cfg: ViTConfig) -> Rule:
     return rule(reference, native, Layout.RESHAPE, cfg, (1, math.prod(shape[:-1]), shape[-1]))
 
 
-def check_names_and_shapes(arrays: Mapping[str, np.ndarray], expected: Mapping[str, Shape],
-                           what: str) -> None:
+def check_names_and_shapes(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, Shape], what: str
+) -> None:
     """Raise TreeMismatchError listing every missing, unexpected and mis-shaped key at once."""
     problems = tree_problems(expected, arrays, require_float=False)
     if problems:
         raise TreeMismatchError(f"{what} does not match the config:\n  " + "\n  ".join(problems))
 
 
-def native_from_reference(table: list[Rule], params: Mapping[str, np.ndarray],
-                          cfg: ViTConfig) -> dict[str, np.ndarray]:
+def native_from_reference(
+    table: list[Rule], params: Mapping[str, np.ndarray], cfg: ViTConfig
+) -> dict[str, np.ndarray]:
     params = {k: np.asarray(v) for k, v in params.items()}
     check_names_and_shapes(params, param_shapes(cfg), "reference params")
     return {r.native: to_native(r.layout, [params[n] for n in r.reference], r.native_shape) for r in table}
 
 
-def reference_from_native(table: list[Rule], native: Mapping[str, np.ndarray], cfg: ViTConfig,
-                          fmt: str) -> dict[str, np.ndarray]:
+def reference_from_native(
+    table: list[Rule], native: Mapping[str, np.ndarray], cfg: ViTConfig, fmt: str
+) -> dict[str, np.ndarray]:
     native = {k: np.asarray(v) for k, v in native.items()}
     check_names_and_shapes(native, {r.native: r.native_shape for r in table}, f"{fmt} checkpoint")
     shapes = param_shapes(cfg)
     params: dict[str, np.ndarray] = {}
     for r in table:
         parts = to_reference(r.layout, native[r.native], [shapes[n] for n in r.reference])
-        params.update(zip(r.reference, parts))
+        params.update(zip(r.reference, parts, strict=True))
     return {n: params[n] for n in shapes}
 
 

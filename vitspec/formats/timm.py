@@ -14,7 +14,8 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import Convention, Facts, Format, count_blocks, optional_dim, require
+from vitspec.formats.base import Format, count_blocks, optional_dim, require
+from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.table import Layout, Rule, rule, token_rule
 
 NAME = "torch"
@@ -28,8 +29,10 @@ def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[R
         return [row(f"{ref}/scale", f"{native}.weight"), row(f"{ref}/bias", f"{native}.bias")]
 
     def dense(ref, native):
-        return [row(f"{ref}/kernel", f"{native}.weight", Layout.TRANSPOSE),
-                row(f"{ref}/bias", f"{native}.bias")]
+        return [
+            row(f"{ref}/kernel", f"{native}.weight", Layout.TRANSPOSE),
+            row(f"{ref}/bias", f"{native}.bias"),
+        ]
 
     def fused(ref, parts, native, bias=True):
         rows = [row(tuple(f"{ref}/{p}/kernel" for p in parts), f"{native}.weight", Layout.FUSED_TRANSPOSE)]
@@ -37,8 +40,10 @@ def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[R
             rows.append(row(tuple(f"{ref}/{p}/bias" for p in parts), f"{native}.bias", Layout.FUSED))
         return rows
 
-    table = [row("patch_embed/kernel", "patch_embed.proj.weight", Layout.CONV),
-             row("patch_embed/bias", "patch_embed.proj.bias")]
+    table = [
+        row("patch_embed/kernel", "patch_embed.proj.weight", Layout.CONV),
+        row("patch_embed/bias", "patch_embed.proj.bias"),
+    ]
     if cfg.class_token:
         table.append(token_rule("cls_token", "cls_token", cfg))
     if cfg.num_registers:
@@ -85,19 +90,31 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
     width, channels, ph, pw = require(native, "patch_embed.proj.weight", "torch (timm)").shape
     return Facts(
-        width=int(width), depth=count_blocks(native, r"blocks\.(\d+)\.norm1\.weight", "torch (timm)"),
+        width=int(width),
+        depth=count_blocks(native, r"blocks\.(\d+)\.norm1\.weight", "torch (timm)"),
         mlp_dim=int(require(native, "blocks.0.mlp.fc1.weight", "torch (timm)").shape[0]),
-        patch_size=(int(ph), int(pw)), in_channels=int(channels),
+        patch_size=(int(ph), int(pw)),
+        in_channels=int(channels),
         num_classes=optional_dim(native, "head.weight", 0) or 0,
         representation_size=optional_dim(native, "pre_logits.fc.weight", 0),
-        class_token="cls_token" in native, num_registers=optional_dim(native, "reg_token", 1) or 0,
-        posemb_rows=optional_dim(native, "pos_embed", 1), qkv_bias="blocks.0.attn.qkv.bias" in native,
-        qk_norm="blocks.0.attn.q_norm.weight" in native, layer_scale="blocks.0.ls1.gamma" in native,
-        fc_norm="fc_norm.weight" in native, map_head="attn_pool.latent" in native, heads=None)
+        class_token="cls_token" in native,
+        num_registers=optional_dim(native, "reg_token", 1) or 0,
+        posemb_rows=optional_dim(native, "pos_embed", 1),
+        qkv_bias="blocks.0.attn.qkv.bias" in native,
+        qk_norm="blocks.0.attn.q_norm.weight" in native,
+        layer_scale="blocks.0.ls1.gamma" in native,
+        fc_norm="fc_norm.weight" in native,
+        map_head="attn_pool.latent" in native,
+        heads=None,
+    )
 
 
 FORMAT = Format(
-    name=NAME, description="timm VisionTransformer state dict (.pt/.pth/.bin/.safetensors)",
+    name=NAME,
+    description="timm VisionTransformer state dict (.pt/.pth/.bin/.safetensors)",
     convention=Convention("timm", gelu="exact", ln_eps=1e-6, posemb_absent="none", posemb_on_cls=True),
-    build_table=_table, cannot_express=_cannot_express, read_facts=_facts,
-    suffixes=(".pt", ".pth", ".bin", ".safetensors"))
+    build_table=_table,
+    cannot_express=_cannot_express,
+    read_facts=_facts,
+    suffixes=(".pt", ".pth", ".bin", ".safetensors"),
+)

@@ -18,8 +18,9 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import Convention, Facts, Format
+from vitspec.formats.base import Format
 from vitspec.formats.big_vision import attention_rules, dense_rules, flax_facts, mlp_rules, norm_rules
+from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.table import Layout, Rule, rule, token_rule
 
 NAME = "vit_jax"
@@ -27,8 +28,10 @@ POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
-    table = [rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
-             rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg)]
+    table = [
+        rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
+        rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg),
+    ]
     if cfg.class_token:
         table.append(token_rule("cls_token", "cls", cfg))
     table.append(token_rule("pos_embed", POSEMB, cfg))
@@ -52,8 +55,10 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
         (cfg.pool != "map", "no MAP pooling (classifier is token, gap or unpooled)"),
         (cfg.pool != "gap" or not cfg.class_token, "'gap' models have no class token"),
         (cfg.posemb == "learned", f"the position embedding is always learned (config: {cfg.posemb!r})"),
-        (not cfg.class_token or cfg.posemb_on_cls,
-         "the position embedding always covers the class token (config: posemb_on_cls=False)"),
+        (
+            not cfg.class_token or cfg.posemb_on_cls,
+            "the position embedding always covers the class token (config: posemb_on_cls=False)",
+        ),
         (cfg.qkv_bias, "q/k/v always have biases (config: qkv_bias=False)"),
         (not cfg.qk_norm, "no qk-norm"),
         (cfg.layer_scale is None, "no LayerScale"),
@@ -63,12 +68,19 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
 
 
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
-    return flax_facts(native, "vit_jax (vision_transformer)", "MultiHeadDotProductAttention_1", "MlpBlock_3",
-                      POSEMB)
+    return flax_facts(
+        native, "vit_jax (vision_transformer)", "MultiHeadDotProductAttention_1", "MlpBlock_3", POSEMB
+    )
 
 
 FORMAT = Format(
-    name=NAME, description="google-research/vision_transformer .npz",
-    convention=Convention("vision_transformer", gelu="tanh", ln_eps=1e-6, posemb_absent="learned",
-                          posemb_on_cls=True),
-    build_table=_table, cannot_express=_cannot_express, read_facts=_facts, suffixes=(".npz",))
+    name=NAME,
+    description="google-research/vision_transformer .npz",
+    convention=Convention(
+        "vision_transformer", gelu="tanh", ln_eps=1e-6, posemb_absent="learned", posemb_on_cls=True
+    ),
+    build_table=_table,
+    cannot_express=_cannot_express,
+    read_facts=_facts,
+    suffixes=(".npz",),
+)

@@ -158,5 +158,3 @@ def cifar_source(name: str, data_dir: Path) -> Path:
         if candidate.exists():
             return candidate
     raise not_found_error(name, data_dir, [extracted, archive])
-
-

@@ -140,5 +140,3 @@ def not_found_error(name: str, data_dir: Path, looked_at: Sequence[Path]) -> Dat
         f"Run `vitspec download {name} --data-dir {data_dir}`, or put these files there:\n"
         f"{wanted}{extra}"
     )
-
-

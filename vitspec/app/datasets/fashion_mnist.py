@@ -104,5 +104,3 @@ def fashion_mnist_source(data_dir: Path) -> Path:
         if all(_find_idx(directory, stem) for stem in _FASHION_MNIST_FILES.values()):
             return directory
     raise not_found_error("fashion_mnist", data_dir, candidates)
-
-

@@ -25,7 +25,6 @@ from vitspec.app.datasets.records import (
 _SPLIT_STREAM = 0x5B117
 
 
-
 def read_official(
     name: str, data_dir: str | Path | None = None, *, label_set: str = "fine"
 ) -> OfficialSplits:
@@ -98,7 +97,7 @@ def channel_stats(images: np.ndarray) -> ChannelStats:
         total_sq += (wide * wide).sum(axis=0)
     sums, sums_sq = total.tolist(), total_sq.tolist()  # Python ints: count * sum_sq overflows int64
     mean = tuple(s / count / 255 for s in sums)
-    std = tuple(math.sqrt((count * sq - s * s) / count**2) / 255 for s, sq in zip(sums, sums_sq))
+    std = tuple(math.sqrt((count * sq - s * s) / count**2) / 255 for s, sq in zip(sums, sums_sq, strict=True))
     return ChannelStats(mean=mean, std=std)
 
 
@@ -117,4 +116,3 @@ def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
             f"normalize: mean/std need {batch.shape[-1]} channels, got {mean32.shape}, {std32.shape}"
         )
     return (batch.astype(np.float32) / np.float32(255) - mean32) / std32
-

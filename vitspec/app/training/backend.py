@@ -43,8 +43,10 @@ class Backend(Protocol):
 
 # The backends: the module of each framework's training step and its Backend class, which is
 # created as Class(cfg, reference params, recipe, normalization table [256, C], precision, seed).
-BACKEND_CLASSES = {"torch": ("backends.torch_vit.train", "TorchBackend"),
-                   "flax": ("backends.flax_vit.train", "FlaxBackend")}
+BACKEND_CLASSES = {
+    "torch": ("backends.torch_vit.train", "TorchBackend"),
+    "flax": ("backends.flax_vit.train", "FlaxBackend"),
+}
 
 
 def backend_module(name: str):
@@ -54,8 +56,15 @@ def backend_module(name: str):
     return importlib.import_module(BACKEND_CLASSES[name][0])
 
 
-def create_backend(name: str, cfg: ViTConfig, params: dict, recipe: Recipe, normalization: np.ndarray,
-                   precision: str, seed: int) -> Backend:
+def create_backend(
+    name: str,
+    cfg: ViTConfig,
+    params: dict,
+    recipe: Recipe,
+    normalization: np.ndarray,
+    precision: str,
+    seed: int,
+) -> Backend:
     """Backend `name` ('torch' or 'flax') at `params`."""
     cls = getattr(backend_module(name), BACKEND_CLASSES[name][1])
     return cls(cfg, params, recipe, normalization, precision, seed)

@@ -31,8 +31,16 @@ def _json_object(text: str) -> dict:
 
 
 # TrainConfig's annotations (strings: postponed evaluation) -> how a flag's text is read.
-_READERS = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str,
-            "Path | None": Path, "dict": _json_object}
+_READERS = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "int | None": int,
+    "float | None": float,
+    "str | None": str,
+    "Path | None": Path,
+    "dict": _json_object,
+}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -45,8 +53,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._Arg
             group.add_argument(name, action="store_true", help=field.metadata["help"])
             continue
         shown = f" (default: {field.default})" if meta.pop("show_default", True) else ""
-        group.add_argument(name, type=_READERS[field.type], default=field.default,
-                           help=field.metadata["help"] + shown, **meta)
+        group.add_argument(
+            name,
+            type=_READERS[field.type],
+            default=field.default,
+            help=field.metadata["help"] + shown,
+            **meta,
+        )
     return groups
 
 
@@ -57,8 +70,12 @@ def build_parser(prog: str, backend: str | None = None) -> argparse.ArgumentPars
     if backend is None:
         parser.add_argument("--backend", choices=BACKENDS, required=True, help="the framework that trains")
     run = add_config_flags(parser)["run"]
-    run.add_argument("--workdir", type=Path, default=None,
-                     help="where the run's files go (default: runs/<backend>-<dataset>-<model>)")
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the run's files go (default: runs/<backend>-<dataset>-<model>)",
+    )
     run.add_argument("--resume", action="store_true", help="continue from <workdir>/last.*")
     return parser
 
@@ -71,8 +88,9 @@ def default_workdir(config: TrainConfig, backend: str) -> Path:
     return Path("runs") / f"{backend}-{config.dataset}-{config.model.replace('/', '-')}"
 
 
-def main(argv: Sequence[str] | None = None, *, backend: str | None = None, prog: str = "vitspec train"
-         ) -> dict[str, Any]:
+def main(
+    argv: Sequence[str] | None = None, *, backend: str | None = None, prog: str = "vitspec train"
+) -> dict[str, Any]:
     """Parse the flags, train, test; returns the summary (also in <workdir>/summary.json)."""
     parser = build_parser(prog, backend)
     args = parser.parse_args(argv)
@@ -81,5 +99,6 @@ def main(argv: Sequence[str] | None = None, *, backend: str | None = None, prog:
         config = config_of(args)
     except ValueError as e:
         parser.error(str(e))
-    return train_and_evaluate(config, args.workdir or default_workdir(config, backend), backend,
-                              resume=args.resume)
+    return train_and_evaluate(
+        config, args.workdir or default_workdir(config, backend), backend, resume=args.resume
+    )

@@ -20,8 +20,10 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def _field(default: Any, help: str, group: str, trajectory: bool = False, **argparse: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "group": group, "trajectory": trajectory,
-                                                        "argparse": argparse})
+    return dataclasses.field(
+        default=default,
+        metadata={"help": help, "group": group, "trajectory": trajectory, "argparse": argparse},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,31 +31,56 @@ class TrainConfig:
     """One training run's settings, validated on construction (a bad value names its flag)."""
 
     dataset: str = _field("cifar10", "the data set", "data", True, choices=list(DATASETS))
-    data_dir: Path | None = _field(None, "where data sets live (default: $VITSPEC_DATA_DIR or ./data)", "data",
-                                   show_default=False)
+    data_dir: Path | None = _field(
+        None, "where data sets live (default: $VITSPEC_DATA_DIR or ./data)", "data", show_default=False
+    )
     download: bool = _field(False, "fetch missing official files first", "data")
-    validation_size: int = _field(datasets.DEFAULT_VALIDATION_SIZE,
-                                  "training images held out for validation (picks best.safetensors)", "data", True)
-    model: str = _field("cifar-notebook", f"a preset ({', '.join(PRESETS)}) or SIZE/PATCH, e.g. Ti/4", "model",
-                        True)
-    model_overrides: dict = _field(None, 'config fields as JSON, e.g. \'{"depth": 2}\' (default: none)', "model",
-                                   True, show_default=False)
-    dropout: float | None = _field(None, "dropout rate (default: the model's)", "model", True,
-                                   show_default=False)
-    stochastic_depth: float | None = _field(None, "stochastic depth rate (default: the model's)", "model", True,
-                                            show_default=False)
+    validation_size: int = _field(
+        datasets.DEFAULT_VALIDATION_SIZE,
+        "training images held out for validation (picks best.safetensors)",
+        "data",
+        True,
+    )
+    model: str = _field(
+        "cifar-notebook", f"a preset ({', '.join(PRESETS)}) or SIZE/PATCH, e.g. Ti/4", "model", True
+    )
+    model_overrides: dict = _field(
+        None,
+        "config fields as JSON, e.g. '{\"depth\": 2}' (default: none)",
+        "model",
+        True,
+        show_default=False,
+    )
+    dropout: float | None = _field(
+        None, "dropout rate (default: the model's)", "model", True, show_default=False
+    )
+    stochastic_depth: float | None = _field(
+        None, "stochastic depth rate (default: the model's)", "model", True, show_default=False
+    )
     epochs: int = _field(100, "epochs; the schedule spans them", "recipe", True)
     batch_size: int = _field(128, "images per step", "recipe", True)
     lr: float = _field(1e-3, "AdamW peak learning rate", "recipe", True)
     weight_decay: float = _field(0.05, "AdamW weight decay, on kernels only", "recipe", True)
     warmup_epochs: float = _field(5.0, "linear warmup, then cosine decay", "recipe", True)
     label_smoothing: float = _field(0.1, "label smoothing of the cross-entropy", "recipe", True)
-    clip_norm: float = _field(1.0, "clip the global gradient norm to this; 0 turns clipping off", "recipe", True)
+    clip_norm: float = _field(
+        1.0, "clip the global gradient norm to this; 0 turns clipping off", "recipe", True
+    )
     seed: int = _field(0, "init, data order, augmentation, dropout", "recipe", True)
-    precision: str | None = _field(None, "fp32 or bf16 (default: bf16 on a GPU, fp32 on the CPU)", "run", True,
-                                   choices=list(PRECISIONS), show_default=False)
-    max_steps: int | None = _field(None, "stop after this many steps in all (the schedule still spans --epochs)",
-                                   "run", show_default=False)
+    precision: str | None = _field(
+        None,
+        "fp32 or bf16 (default: bf16 on a GPU, fp32 on the CPU)",
+        "run",
+        True,
+        choices=list(PRECISIONS),
+        show_default=False,
+    )
+    max_steps: int | None = _field(
+        None,
+        "stop after this many steps in all (the schedule still spans --epochs)",
+        "run",
+        show_default=False,
+    )
     eval_batch_size: int = _field(512, "images per evaluation batch", "run")
 
     def __post_init__(self) -> None:

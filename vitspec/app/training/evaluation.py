@@ -20,8 +20,13 @@ class Evaluation:
     confusion: np.ndarray  # int64 [K, K], rows true class, columns predicted
 
 
-def evaluate(predict: Callable[[np.ndarray], np.ndarray], images: datasets.ImageSet, num_classes: int,
-             batch_size: int, label_smoothing: float = 0.0) -> Evaluation:
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: datasets.ImageSet,
+    num_classes: int,
+    batch_size: int,
+    label_smoothing: float = 0.0,
+) -> Evaluation:
     """Loss (cross-entropy with `label_smoothing`), top-1 (top-5), confusion matrix of `predict`'s logits."""
     if len(images) == 0:
         raise ValueError("evaluate: the image set is empty")
@@ -33,5 +38,9 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], images: datasets.Image
         np.add.at(confusion, (labels, logits.argmax(-1)), 1)
         top5_hits += int((np.argsort(-logits, axis=-1)[:, :5] == labels[:, None]).any(-1).sum())
     n = len(images)
-    return Evaluation(loss=loss_sum / n, top1=float(np.trace(confusion)) / n,
-                      top5=top5_hits / n if num_classes >= 100 else None, confusion=confusion)
+    return Evaluation(
+        loss=loss_sum / n,
+        top1=float(np.trace(confusion)) / n,
+        top5=top5_hits / n if num_classes >= 100 else None,
+        confusion=confusion,
+    )

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import vitspec
-from vitspec.app import datasets, pipeline
+from vitspec.app import augmentation, datasets, pipeline
 from vitspec.app.training.backend import Backend, create_backend, default_precision, normalization_table
 from vitspec.app.training.config import TrainConfig
 from vitspec.app.training.evaluation import evaluate
@@ -58,8 +58,15 @@ class Run:
     normalization: np.ndarray
 
     def create_backend(self, params: dict[str, np.ndarray]) -> Backend:
-        return create_backend(self.backend_name, self.cfg, params, self.recipe, self.normalization,
-                              self.config.precision, self.config.seed)
+        return create_backend(
+            self.backend_name,
+            self.cfg,
+            params,
+            self.recipe,
+            self.normalization,
+            self.config.precision,
+            self.config.seed,
+        )
 
 
 def model_config(config: TrainConfig, dataset: datasets.Dataset) -> ViTConfig:
@@ -74,32 +81,47 @@ def model_config(config: TrainConfig, dataset: datasets.Dataset) -> ViTConfig:
     if cfg.image_size != (height, width) or cfg.in_channels != channels:
         raise ValueError(
             f"--model {config.model} takes {cfg.image_size[0]}x{cfg.image_size[1]}x{cfg.in_channels} images;"
-            f" {config.dataset} has {height}x{width}x{channels}")
+            f" {config.dataset} has {height}x{width}x{channels}"
+        )
     return cfg
 
 
 def make_recipe(config: TrainConfig, steps_per_epoch: int) -> Recipe:
     total_steps = config.epochs * steps_per_epoch
     return Recipe(
-        base_lr=config.lr, weight_decay=config.weight_decay,
+        base_lr=config.lr,
+        weight_decay=config.weight_decay,
         warmup_steps=min(total_steps, round(config.warmup_epochs * steps_per_epoch)),
-        total_steps=total_steps, label_smoothing=config.label_smoothing,
-        clip_norm=config.clip_norm or None)
+        total_steps=total_steps,
+        label_smoothing=config.label_smoothing,
+        clip_norm=config.clip_norm or None,
+    )
 
 
 def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
     """Load the data, build the model config and recipe, resolve the precision for `backend`."""
     config = config.replace(precision=config.precision or default_precision(backend))
-    dataset = datasets.load(config.dataset_name, config.data_dir, validation_size=config.validation_size,
-                            download_missing=config.download)
+    dataset = datasets.load(
+        config.dataset_name,
+        config.data_dir,
+        validation_size=config.validation_size,
+        download_missing=config.download,
+    )
     cfg = model_config(config, dataset)
     steps_per_epoch = pipeline.steps_per_epoch(len(dataset.train), config.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
-    return Run(config=config, backend_name=backend, workdir=Path(workdir), dataset=dataset, cfg=cfg,
-               recipe=make_recipe(config, steps_per_epoch), steps_per_epoch=steps_per_epoch,
-               augmentation=pipeline.DEFAULT_AUGMENTATION[config.dataset_name],
-               normalization=normalization_table(dataset.stats))
+    return Run(
+        config=config,
+        backend_name=backend,
+        workdir=Path(workdir),
+        dataset=dataset,
+        cfg=cfg,
+        recipe=make_recipe(config, steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        augmentation=augmentation.DEFAULT_AUGMENTATION[config.dataset_name],
+        normalization=normalization_table(dataset.stats),
+    )
 
 
 def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
@@ -108,14 +130,18 @@ def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
         params, optimizer, state = load_last(run.workdir, run.config.trajectory())
         backend = run.create_backend(params)
         backend.load_optimizer_state(optimizer)
-        print(f"resumed {run.workdir} at step {state.step} (epoch {state.loader.epoch}, "
-              f"step {state.loader.step} of it)", flush=True)
+        print(
+            f"resumed {run.workdir} at step {state.step} (epoch {state.loader.epoch}, "
+            f"step {state.loader.step} of it)",
+            flush=True,
+        )
         return backend, state
     return run.create_backend(vitspec.init_params(run.cfg, run.config.seed)), RunState.fresh(run.config.seed)
 
 
-def train_epoch_steps(run: Run, backend: Backend, batches: Iterator[pipeline.TrainBatch], state: RunState,
-                      stop_step: int) -> None:
+def train_epoch_steps(
+    run: Run, backend: Backend, batches: Iterator[pipeline.TrainBatch], state: RunState, stop_step: int
+) -> None:
     """Steps until the epoch ends or `stop_step`; updates `state` (step, loader, progress)."""
     epoch = state.loader.epoch
     line = ProgressLine(epoch, run.config.epochs, run.steps_per_epoch)
@@ -143,8 +169,9 @@ def train_epoch_steps(run: Run, backend: Backend, batches: Iterator[pipeline.Tra
             line.update(state.loader.step or run.steps_per_epoch, state.progress)
     read_pending()
     state.progress.seconds += time.perf_counter() - started
-    line.update(state.loader.step if state.loader.epoch == epoch else run.steps_per_epoch, state.progress,
-                force=True)
+    line.update(
+        state.loader.step if state.loader.epoch == epoch else run.steps_per_epoch, state.progress, force=True
+    )
     line.close()
 
 
@@ -160,8 +187,13 @@ def finish_epoch(run: Run, backend: Backend, state: RunState) -> dict[str, Any]:
         "images_per_second": progress.seen / progress.seconds if progress.seconds else None,
     }
     if len(run.dataset.validation):
-        validation = evaluate(backend.eval_logits, run.dataset.validation, run.cfg.num_classes,
-                              run.config.eval_batch_size, run.recipe.label_smoothing)
+        validation = evaluate(
+            backend.eval_logits,
+            run.dataset.validation,
+            run.cfg.num_classes,
+            run.config.eval_batch_size,
+            run.recipe.label_smoothing,
+        )
         record |= {"val_loss": validation.loss, "val_accuracy": validation.top1}
         if state.best_accuracy is None or validation.top1 > state.best_accuracy:
             state.best_accuracy = validation.top1
@@ -178,8 +210,9 @@ def train(run: Run, backend: Backend, state: RunState) -> RunState:
     if run.config.max_steps is not None:
         stop_step = min(stop_step, run.config.max_steps)
     train_set = run.dataset.train
-    stream = pipeline.train_batches(train_set.images, train_set.labels, run.config.batch_size, state.loader,
-                                    run.augmentation)
+    stream = pipeline.train_batches(
+        train_set.images, train_set.labels, run.config.batch_size, state.loader, run.augmentation
+    )
     with pipeline.Prefetcher(stream) as batches:
         while state.step < stop_step:
             epoch = state.loader.epoch
@@ -188,8 +221,14 @@ def train(run: Run, backend: Backend, state: RunState) -> RunState:
                 record = finish_epoch(run, backend, state)
                 print(describe(record), flush=True)
                 write_metrics(run.workdir, state.history)
-            save_last(run.workdir, run.cfg, backend.reference_params(), backend.optimizer_state(), state,
-                      run.config.trajectory())
+            save_last(
+                run.workdir,
+                run.cfg,
+                backend.reference_params(),
+                backend.optimizer_state(),
+                state,
+                run.config.trajectory(),
+            )
     return state
 
 
@@ -201,10 +240,16 @@ def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, An
     test = evaluate(tester.eval_logits, run.dataset.test, run.cfg.num_classes, run.config.eval_batch_size)
     rates = [r["images_per_second"] for r in state.history if r.get("images_per_second")]
     summary = {
-        "checkpoint": str(best_path), "dataset": run.config.dataset, "model": run.config.model,
-        "num_params": vitspec.num_params(run.cfg), "precision": run.config.precision,
-        "epochs_done": len(state.history), "steps_done": state.step,
-        "test_top1": test.top1, "test_top5": test.top5, "test_images": len(run.dataset.test),
+        "checkpoint": str(best_path),
+        "dataset": run.config.dataset,
+        "model": run.config.model,
+        "num_params": vitspec.num_params(run.cfg),
+        "precision": run.config.precision,
+        "epochs_done": len(state.history),
+        "steps_done": state.step,
+        "test_top1": test.top1,
+        "test_top5": test.top5,
+        "test_images": len(run.dataset.test),
         "best_val_accuracy": state.best_accuracy,
         "train_images_per_second": float(np.median(rates)) if rates else None,
         "wall_seconds_this_invocation": wall_seconds,
@@ -216,8 +261,9 @@ def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, An
     return summary
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | Path, backend: str, *, resume: bool = False
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+    config: TrainConfig, workdir: str | Path, backend: str, *, resume: bool = False
+) -> dict[str, Any]:
     """Train `config` with `backend` ('torch' or 'flax') in `workdir`, then test the best model.
 
     Returns the summary (also in <workdir>/summary.json). With `resume`, continues from the
@@ -228,12 +274,22 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, backend: str, *
     if not resume:
         run.workdir.mkdir(parents=True, exist_ok=True)
     backend_state = start(run, resume)
-    write_json(run.workdir / "config.json", {
-        "backend": backend, "model": json.loads(run.cfg.to_json()),
-        "recipe": dataclasses.asdict(run.recipe), "augmentation": dataclasses.asdict(run.augmentation),
-        "settings": dataclasses.asdict(run.config)})
-    print(f"{backend}: {run.config.model} ({vitspec.num_params(run.cfg):,} params) on {run.config.dataset} "
-          f"({len(run.dataset.train)} train / {len(run.dataset.validation)} val / {len(run.dataset.test)} test), "
-          f"{run.steps_per_epoch} steps/epoch, {run.config.precision}, workdir {run.workdir}", flush=True)
+    write_json(
+        run.workdir / "config.json",
+        {
+            "backend": backend,
+            "model": json.loads(run.cfg.to_json()),
+            "recipe": dataclasses.asdict(run.recipe),
+            "augmentation": dataclasses.asdict(run.augmentation),
+            "settings": dataclasses.asdict(run.config),
+        },
+    )
+    print(
+        f"{backend}: {run.config.model} ({vitspec.num_params(run.cfg):,} params) on {run.config.dataset} "
+        f"({len(run.dataset.train)} train / {len(run.dataset.validation)} val / "
+        f"{len(run.dataset.test)} test), "
+        f"{run.steps_per_epoch} steps/epoch, {run.config.precision}, workdir {run.workdir}",
+        flush=True,
+    )
     state = train(run, *backend_state)
     return final_report(run, state, time.perf_counter() - started)

@@ -29,7 +29,8 @@ class ProgressLine:
         self.stream.write(
             f"\repoch {self.epoch + 1}/{self.epochs} [{'#' * filled}{'.' * (20 - filled)}] "
             f"{step_in_epoch}/{self.steps} loss {progress.loss_sum / seen:.4f} "
-            f"acc {100 * progress.correct / seen:5.2f}% {rate:,.0f} img/s")
+            f"acc {100 * progress.correct / seen:5.2f}% {rate:,.0f} img/s"
+        )
         self.stream.flush()
 
     def close(self) -> None:

@@ -11,8 +11,11 @@ import numpy as np
 
 
 def describe(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record['epoch']}", f"train loss {record['train_loss']:.4f}",
-             f"acc {100 * record['train_accuracy']:.2f}%"]
+    parts = [
+        f"epoch {record['epoch']}",
+        f"train loss {record['train_loss']:.4f}",
+        f"acc {100 * record['train_accuracy']:.2f}%",
+    ]
     if "val_accuracy" in record:
         parts += [f"val loss {record['val_loss']:.4f}", f"acc {100 * record['val_accuracy']:.2f}%"]
     if record.get("best"):
@@ -20,8 +23,9 @@ def describe(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def plot_reports(workdir: Path, history: Sequence[dict], confusion: np.ndarray,
-                 class_names: Sequence[str]) -> None:
+def plot_reports(
+    workdir: Path, history: Sequence[dict], confusion: np.ndarray, class_names: Sequence[str]
+) -> None:
     """curves.png (once an epoch has finished) and confusion.png; skipped with a note when matplotlib
     is not installed."""
     try:
@@ -30,8 +34,10 @@ def plot_reports(workdir: Path, history: Sequence[dict], confusion: np.ndarray,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no curves.png / confusion.png (pip install 'vitspec[plots]')",
-              file=sys.stderr)
+        print(
+            "matplotlib is not installed: no curves.png / confusion.png (pip install 'vitspec[plots]')",
+            file=sys.stderr,
+        )
         return
     if history:
         plot_curves(plt, workdir / "curves.png", history)
@@ -44,7 +50,9 @@ def plot_curves(plt, path: Path, history: Sequence[dict]) -> None:
     for split in ("train", "val"):
         if f"{split}_loss" in history[0]:
             loss_axes.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
-            accuracy_axes.plot(epochs, [100 * r[f"{split}_accuracy"] for r in history], marker="o", label=split)
+            accuracy_axes.plot(
+                epochs, [100 * r[f"{split}_accuracy"] for r in history], marker="o", label=split
+            )
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy (smoothed targets)", title="loss")
     accuracy_axes.set(xlabel="epoch", ylabel="top-1 %", title="accuracy")
     for axes in (loss_axes, accuracy_axes):
@@ -65,8 +73,15 @@ def plot_confusion(plt, path: Path, confusion: np.ndarray, class_names: Sequence
         axes.set_xticks(range(k), class_names, rotation=60, ha="right")
         axes.set_yticks(range(k), class_names)
         for (row, col), count in np.ndenumerate(confusion):
-            axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                      color="white" if count > confusion.max() / 2 else "black")
+            axes.text(
+                col,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > confusion.max() / 2 else "black",
+            )
     axes.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -1,9 +1,9 @@
 """A run's state and its files in the workdir: the `last` checkpoint that `--resume` trusts.
 
-    last.safetensors      the model after the latest epoch (or the --max-steps stop), reference format
-    last.state.npz        AdamW moments (reference names) beside it
-    last.state.json       step, LoaderState, history, best so far, the trajectory settings; the
-                          CRC-32 of the two files above, so a kill between writes is caught
+last.safetensors      the model after the latest epoch (or the --max-steps stop), reference format
+last.state.npz        AdamW moments (reference names) beside it
+last.state.json       step, LoaderState, history, best so far, the trajectory settings; the
+                      CRC-32 of the two files above, so a kill between writes is caught
 """
 
 from __future__ import annotations
@@ -46,8 +46,13 @@ class RunState:
 
     @classmethod
     def fresh(cls, seed: int) -> RunState:
-        return cls(step=0, loader=pipeline.LoaderState(seed=seed), history=[], best_accuracy=None,
-                   progress=EpochProgress())
+        return cls(
+            step=0,
+            loader=pipeline.LoaderState(seed=seed),
+            history=[],
+            best_accuracy=None,
+            progress=EpochProgress(),
+        )
 
 
 def file_crc32(path: Path) -> int:
@@ -67,25 +72,35 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def save_last(workdir: Path, cfg: ViTConfig, params: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
-              state: RunState, trajectory: dict[str, Any]) -> None:
+def save_last(
+    workdir: Path,
+    cfg: ViTConfig,
+    params: dict[str, np.ndarray],
+    optimizer: dict[str, np.ndarray],
+    state: RunState,
+    trajectory: dict[str, Any],
+) -> None:
     """last.safetensors and last.state.npz, then last.state.json naming both by CRC (written last:
     it is what --resume trusts)."""
     save(workdir / LAST, cfg, params)
     save_npz(workdir / LAST_STATE_NPZ, optimizer)
-    write_json(workdir / LAST_STATE_JSON, {
-        "step": state.step,
-        "loader": state.loader.to_dict(),
-        "history": state.history,
-        "best_accuracy": state.best_accuracy,
-        "progress": dataclasses.asdict(state.progress),
-        "flags": trajectory,
-        "crc32": {LAST: file_crc32(workdir / LAST), LAST_STATE_NPZ: file_crc32(workdir / LAST_STATE_NPZ)},
-    })
+    write_json(
+        workdir / LAST_STATE_JSON,
+        {
+            "step": state.step,
+            "loader": state.loader.to_dict(),
+            "history": state.history,
+            "best_accuracy": state.best_accuracy,
+            "progress": dataclasses.asdict(state.progress),
+            "flags": trajectory,
+            "crc32": {LAST: file_crc32(workdir / LAST), LAST_STATE_NPZ: file_crc32(workdir / LAST_STATE_NPZ)},
+        },
+    )
 
 
-def load_last(workdir: Path, trajectory: dict[str, Any]
-              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], RunState]:
+def load_last(
+    workdir: Path, trajectory: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], RunState]:
     """(reference params, optimizer state, run state) of workdir's last checkpoint, checked whole and
     against the trajectory settings it was written under."""
     state_path = workdir / LAST_STATE_JSON
@@ -94,20 +109,27 @@ def load_last(workdir: Path, trajectory: dict[str, Any]
     saved = json.loads(state_path.read_text())
     for name, crc in saved["crc32"].items():
         if not (workdir / name).is_file() or file_crc32(workdir / name) != crc:
-            raise ValueError(f"--resume: {workdir / name} is missing or not the file {state_path} was "
-                             "written with (interrupted while checkpointing?)")
+            raise ValueError(
+                f"--resume: {workdir / name} is missing or not the file {state_path} was "
+                "written with (interrupted while checkpointing?)"
+            )
     now = json.loads(json.dumps(trajectory, default=str))  # as saved: JSON types
     changed = {k: (saved["flags"].get(k), v) for k, v in now.items() if saved["flags"].get(k) != v}
     if changed:
-        described = ", ".join(f"--{k.replace('_', '-')}: saved {old!r}, now {new!r}"
-                              for k, (old, new) in changed.items())
+        described = ", ".join(
+            f"--{k.replace('_', '-')}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items()
+        )
         raise ValueError(f"--resume: {workdir} was trained with other flags ({described})")
     _, params = load(workdir / LAST)
     with np.load(workdir / LAST_STATE_NPZ) as npz:
         optimizer = {k: npz[k] for k in npz.files}
-    state = RunState(step=saved["step"], loader=pipeline.LoaderState.from_dict(saved["loader"]),
-                     history=saved["history"], best_accuracy=saved["best_accuracy"],
-                     progress=EpochProgress(**saved["progress"]))
+    state = RunState(
+        step=saved["step"],
+        loader=pipeline.LoaderState.from_dict(saved["loader"]),
+        history=saved["history"],
+        best_accuracy=saved["best_accuracy"],
+        progress=EpochProgress(**saved["progress"]),
+    )
     return params, optimizer, state
 
 

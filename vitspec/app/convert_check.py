@@ -1,0 +1,84 @@
+"""`vitspec convert --check`: the written file run in its own ecosystem's backend against the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+from vitspec.formats import load_any
+from vitspec.formats.files import read_tensors
+from vitspec.formats.inference import reading_flags
+from vitspec.reference import forward
+
+CHECK_BATCH = 2
+
+
+def check_conversion(
+    cfg: ViTConfig, params: dict[str, np.ndarray], dst: Path, to_fmt: str, resampled: bool, out: TextIO
+) -> float:
+    """Max |logits(reference on `params`) - logits(target backend on the written file)|, one random batch.
+
+    `params` is the source tree as read, or after `--image-size` the resampled one (a model at
+    another size cannot see the source's images): the check covers the written file; resampling
+    is specified (vitspec.posemb), not checked here.
+    """
+    images = np.random.default_rng(0).standard_normal((CHECK_BATCH, *cfg.image_size, cfg.in_channels))
+    expected = forward(cfg, params, images)
+    actual, runner = run_target(dst, to_fmt, cfg, images)
+    diff = float(np.max(np.abs(np.asarray(actual, np.float64) - expected)))
+    scale = float(np.max(np.abs(expected)))
+    against = "the resampled tree" if resampled else "the source tree"
+    print(
+        f"check: reference (float64) on {against} vs {runner} on {dst.name}: max |logit diff| {diff:.3g} "
+        f"(max |logit| {scale:.3g}, batch {CHECK_BATCH})",
+        file=out,
+    )
+    if scale == 0:
+        print(
+            "WARNING: every logit is 0 (a zero head, as freshly initialized): this check proves nothing",
+            file=out,
+        )
+    return diff
+
+
+def run_target(dst: Path, fmt: str, cfg: ViTConfig, images: np.ndarray) -> tuple[np.ndarray, str]:
+    """Logits of the written file in the target ecosystem's backend, and that backend's name."""
+    if fmt == "torch":
+        try:
+            return _run_torch(dst, cfg, images), "backends.torch_vit (float64)"
+        except ImportError:
+            pass
+    if fmt == "flax":
+        try:
+            return _run_flax(dst, cfg, images), "backends.flax_vit (float64)"
+        except ImportError:
+            pass
+    cfg_back, params = load_any(dst, fmt, **reading_flags(cfg))
+    return forward(cfg_back, params, images), "the reference (float64, file read back)"
+
+
+def _run_torch(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    from backends.torch_vit import VisionTransformer
+
+    state_dict = {k: torch.from_numpy(v) for k, v in read_tensors(dst)[0].items()}
+    model = VisionTransformer(cfg).double().eval()
+    model.load_state_dict(state_dict, strict=True)  # the file's own names, not re-derived ones
+    with torch.no_grad():
+        return model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def _run_flax(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
+    import jax
+    from flax import traverse_util
+
+    from backends.flax_vit import VisionTransformer
+
+    flat = {k: v.astype(np.float64) for k, v in read_tensors(dst)[0].items()}
+    tree = traverse_util.unflatten_dict(flat, sep="/")
+    with jax.enable_x64(True):  # scoped: float64 here only, the process's default stays float32
+        return np.asarray(VisionTransformer(config=cfg).apply({"params": tree}, images))
