@@ -7,7 +7,7 @@ import pytest
 
 import vitspec
 from parity_tests.strategies import random_params
-from vitspec.app import attention
+from vitspec.app import attention, cli
 
 PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
@@ -103,10 +103,8 @@ def test_an_unreadable_image_is_one_error_line(tmp_path, capsys):
     cfg = MODELS["class token"]
     vitspec.save(tmp_path / "model.safetensors", cfg, random_params(cfg, 0))
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(SystemExit) as exit_:
-        attention.main(
-            [str(tmp_path / "model.safetensors"), str(tmp_path / "bad.png"), "--out", str(tmp_path)]
-        )
-    assert exit_.value.code == 2
+    code = cli.main(
+        ["attention", str(tmp_path / "model.safetensors"), str(tmp_path / "bad.png"), "--out", str(tmp_path)]
+    )
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "bad.png: not a readable image" in err
+    assert code == 2 and err.startswith("error: ") and "bad.png: not a readable image" in err

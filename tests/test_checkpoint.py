@@ -128,3 +128,20 @@ def test_save_refuses_a_tree_that_does_not_match(tmp_path):
     cfg = vitspec.variant("Ti/16", depth=1)
     with pytest.raises(vitspec.ParamTreeError, match="missing keys"):
         vitspec.save(tmp_path / "m.safetensors", cfg, {})
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    cfg = vitspec.ViTConfig(
+        image_size=4, patch_size=2, width=8, depth=1, num_heads=2, mlp_dim=8, num_classes=2
+    )
+    old = os.umask(0o022)
+    try:
+        vitspec.save(tmp_path / "a.safetensors", cfg, vitspec.init_params(cfg))
+        os.umask(0o077)
+        vitspec.save(tmp_path / "b.npz", cfg, vitspec.init_params(cfg))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.npz").stat().st_mode & 0o777 == 0o600

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import vitspec
 from tests.test_training import TINY_MODEL, write_fashion_mnist
 from vitspec.app import cli
 
@@ -81,17 +82,91 @@ def test_train_command_builds_the_config_and_trains(tmp_path):
     assert settings["batch_size"] == 16 and settings["model_overrides"] == TINY_MODEL
 
 
+@pytest.fixture
+def tiny_data(tmp_path):
+    write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train=40, test=8)
+    return tmp_path / "data"
+
+
+def train_flags(data_dir, workdir, *extra):
+    return [
+        "train",
+        "--backend",
+        "torch",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "fmnist-tiny",
+        "--model-overrides",
+        json.dumps(TINY_MODEL),
+        "--data-dir",
+        str(data_dir),
+        "--validation-size",
+        "8",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+
+
+def user_error(capsys, argv) -> str:
+    """stderr of a command that must fail as a user error: exit 2, one `error:` paragraph, no traceback."""
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--lr", "-1"], "--lr -1.0: must be positive"),
         (["--label-smoothing", "1.5"], "--label-smoothing 1.5: expected a rate in [0, 1)"),
-        (["--model-overrides", "[1]"], "expected a JSON object of config fields"),
+        (["--epochs", "0"], "--epochs 0: must be at least 1"),
     ],
 )
-def test_a_bad_training_flag_is_one_error_line_and_exit_2(flags, message, capsys):
+def test_a_bad_training_flag_value_is_one_error(flags, message, capsys, tiny_data, tmp_path):
+    assert message in user_error(capsys, train_flags(tiny_data, tmp_path / "run", *flags))
+
+
+def test_a_malformed_flag_is_argparses_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["train", "--backend", "torch", *flags])
+        cli.main(["train", "--backend", "torch", "--model-overrides", "[1]"])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and message in err
+    assert "expected a JSON object of config fields" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_is_one_error_naming_the_files(capsys, tmp_path):
+    err = user_error(
+        capsys, ["train", "--backend", "torch", "--dataset", "cifar10", "--data-dir", str(tmp_path)]
+    )
+    assert "cifar10" in err and "vitspec download cifar10" in err
+
+
+def test_a_failed_download_is_one_error(capsys, tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert "no network here" in user_error(capsys, ["download", "cifar10", "--data-dir", str(tmp_path)])
+
+
+def test_resume_with_nothing_to_resume_is_one_error(capsys, tiny_data, tmp_path):
+    err = user_error(capsys, train_flags(tiny_data, tmp_path / "empty", "--resume"))
+    assert "nothing to resume" in err
+
+
+def test_a_bad_checkpoint_is_one_error_and_debug_shows_the_traceback(capsys, tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    argv = ["evaluate", str(tmp_path / "bad.safetensors"), "--dataset", "fashion-mnist"]
+    assert "bad.safetensors" in user_error(capsys, argv)
+    with pytest.raises(vitspec.CheckpointError):
+        cli.main([*argv, "--debug"])

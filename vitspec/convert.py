@@ -9,9 +9,9 @@ name once the module has run, so the function is put there and the name keeps me
 import sys
 
 if __name__ == "__main__":
-    from vitspec.app.convert import main
+    from vitspec.app.cli import run
 
-    sys.exit(main())
+    sys.exit(run("convert", sys.argv[1:], "python -m vitspec.convert"))
 else:
     from vitspec.app.convert import convert
 

@@ -7,6 +7,6 @@ An entry point only: importing it gives nothing (the code is `vitspec.app.evalua
 if __name__ == "__main__":
     import sys
 
-    from vitspec.app.evaluate import main
+    from vitspec.app.cli import run
 
-    sys.exit(main())
+    sys.exit(run("evaluate", sys.argv[1:], "python -m vitspec.evaluate"))

@@ -163,6 +163,8 @@ def default_precision() -> str:
 
 
 if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here
-    from vitspec.app.training.cli import main
+    import sys
 
-    main(backend="flax", prog="python -m backends.flax_vit.train")
+    from vitspec.app.cli import run
+
+    sys.exit(run("train", sys.argv[1:], "python -m backends.flax_vit.train", backend="flax"))

@@ -177,6 +177,8 @@ def default_precision() -> str:
 
 
 if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here
-    from vitspec.app.training.cli import main
+    import sys
 
-    main(backend="torch", prog="python -m backends.torch_vit.train")
+    from vitspec.app.cli import run
+
+    sys.exit(run("train", sys.argv[1:], "python -m backends.torch_vit.train", backend="torch"))

@@ -16,7 +16,6 @@ mean over patch rows. Images are resized to the model's size (bilinear) and norm
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,13 +151,9 @@ def main(
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="per channel, in [0, 1] units")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="per channel, in [0, 1] units")
     args = parser.parse_args(argv)
-    try:
-        cfg, params = vitspec.load(args.checkpoint)
-        mean, std = _normalization(args, cfg)
-        pixels = np.stack([read_image(path, cfg) for path in args.images])
-    except (ValueError, vitspec.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg, params = vitspec.load(args.checkpoint)
+    mean, std = _normalization(args, cfg)
+    pixels = np.stack([read_image(path, cfg) for path in args.images])
     images = datasets.normalize(pixels, mean, std).astype(np.float32)
     maps = attention_maps(args.backend, cfg, {k: v.astype(np.float32) for k, v in params.items()}, images)
     flows, heads = rollout(cfg, maps), last_block_heads(cfg, maps)

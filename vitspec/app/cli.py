@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitspec",
         description="A Vision Transformer defined once and proven identical in NumPy, PyTorch, JAX.",
-        epilog=f"commands:\n{commands}\n\n`vitspec COMMAND --help` for a command's flags.",
+        epilog=f"commands:\n{commands}\n\n`vitspec COMMAND --help` for a command's flags; "
+        "--debug shows a traceback.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
@@ -65,8 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module, function, _ = COMMANDS[args.command]
-    result = getattr(importlib.import_module(module), function)(args.args, prog=f"vitspec {args.command}")
+def run(command: str, argv: Sequence[str], prog: str, **kwargs) -> int:
+    """Run one command; a user error (a bad flag value, a missing or broken file, a refused resume)
+    ends as one `error: ...` paragraph on stderr and exit status 2. `--debug` anywhere in argv, or
+    VITSPEC_DEBUG=1, shows the traceback instead."""
+    debug = "--debug" in argv or os.environ.get("VITSPEC_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    module, function, _ = COMMANDS[command]
+    try:
+        result = getattr(importlib.import_module(module), function)(argv, prog=prog, **kwargs)
+    except (ValueError, OSError) as error:  # the library's named errors are ValueErrors
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0  # commands that return results (train) succeeded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args.command, args.args, f"vitspec {args.command}")

@@ -50,18 +50,28 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> None:
-    """Call write(file) on a temp file beside `path`, fsync, then rename it over `path`."""
+    """Call write(file) on a temp file beside `path`, fsync, then rename it over `path`.
+
+    The file gets the permissions an ordinary write would give it (0666 less the umask; the temp
+    file's own are 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -95,10 +95,7 @@ def main(
     parser = build_parser(prog, backend)
     args = parser.parse_args(argv)
     backend = backend or args.backend
-    try:
-        config = config_of(args)
-    except ValueError as e:
-        parser.error(str(e))
+    config = config_of(args)  # a bad value is a ValueError naming its flag: `vitspec.app.cli.run` reports it
     return train_and_evaluate(
         config, args.workdir or default_workdir(config, backend), backend, resume=args.resume
     )
