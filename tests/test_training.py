@@ -21,6 +21,7 @@ from backends.flax_vit import train as flax_train
 from backends.torch_vit import train as torch_train
 from vitspec.app import datasets, evaluate
 from vitspec.app.training import TrainConfig, normalization_table, train_and_evaluate
+from vitspec.app.training.backend import BACKEND_CLASSES, backend_module
 from vitspec.app.training.state import BEST, LAST, LAST_STATE_JSON, LAST_STATE_NPZ
 from vitspec.recipe import Recipe
 
@@ -142,15 +143,48 @@ def test_resume_mid_epoch_reaches_the_uninterrupted_run_bit_exactly(
     state = json.loads((tmp_path / LAST_STATE_JSON).read_text())
     assert state["step"] == stop_at and state["loader"]["step"] == 2
     train_and_evaluate(config(data_dir), tmp_path, backend, resume=True)
-    straight = straight_runs[backend]
+    assert_same_run(tmp_path, straight_runs[backend])
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it, so the run stops where it is."""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_killed_mid_epoch_resumes_from_its_last_periodic_save(
+    backend, data_dir, straight_runs, tmp_path, monkeypatch
+):
+    # A tiny checkpoint interval saves last.* after every step; the run dies inside step 7 (the
+    # third of epoch 2), after step 6's save: resuming redoes step 7 and reaches the same run.
+    cls = getattr(backend_module(backend), BACKEND_CLASSES[backend][1])
+    original, steps = cls.train_step, []
+
+    def dies_in_step_7(self, *args):
+        steps.append(1)
+        if len(steps) == STEPS_PER_EPOCH + 3:
+            raise Killed
+        return original(self, *args)
+
+    monkeypatch.setattr(cls, "train_step", dies_in_step_7)
+    with pytest.raises(Killed):
+        train_and_evaluate(config(data_dir, checkpoint_every=1e-9), tmp_path, backend)
+    state = json.loads((tmp_path / LAST_STATE_JSON).read_text())
+    assert state["step"] == STEPS_PER_EPOCH + 2 and state["loader"] == {"seed": 0, "epoch": 1, "step": 2}
+    monkeypatch.setattr(cls, "train_step", original)
+    train_and_evaluate(config(data_dir), tmp_path, backend, resume=True)
+    assert_same_run(tmp_path, straight_runs[backend])
+
+
+def assert_same_run(workdir: Path, straight: Path) -> None:
+    """last, best, the optimizer state and the metric history of `workdir` equal the straight run's."""
     for name in (LAST, BEST):
-        assert_same_params(params_of(tmp_path / name), params_of(straight / name))
-    with np.load(tmp_path / LAST_STATE_NPZ) as resumed, np.load(straight / LAST_STATE_NPZ) as full:
+        assert_same_params(params_of(workdir / name), params_of(straight / name))
+    with np.load(workdir / LAST_STATE_NPZ) as resumed, np.load(straight / LAST_STATE_NPZ) as full:
         assert sorted(resumed.files) == sorted(full.files)
         for key in full.files:
             np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
     keys = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-    resumed_records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed_records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     straight_records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
 
     def trajectory(records):
@@ -232,3 +266,20 @@ def test_backends_normalize_exactly_like_the_reference(backend):
 def test_model_must_fit_the_dataset(data_dir, tmp_path):
     with pytest.raises(ValueError, match="takes 32x32x3 images; fashion-mnist has 28x28x1"):
         train_and_evaluate(config(data_dir, model="cifar-notebook", model_overrides={}), tmp_path, "torch")
+
+
+def test_progress_into_a_log_is_whole_lines_at_the_interval(data_dir, tmp_path, capsys):
+    train_and_evaluate(config(data_dir, max_steps=3, progress_every=1e-9), tmp_path, "torch")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch 1/2")]
+    assert [line.split(" (")[0] for line in lines] == [
+        "epoch 1/2 1/4",
+        "epoch 1/2 2/4",
+        "epoch 1/2 3/4",
+        "epoch 1/2 3/4",
+    ]
+    assert all(
+        f"(step {i}/3)" in line and " left" in line and "img/s" in line
+        for i, line in zip([1, 2, 3, 3], lines, strict=True)
+    )

@@ -82,6 +82,12 @@ class TrainConfig:
         show_default=False,
     )
     eval_batch_size: int = _field(512, "images per evaluation batch", "run")
+    checkpoint_every: float = _field(
+        5.0, "minutes between mid-epoch saves of last.* (--resume loses at most this)", "run"
+    )
+    progress_every: float = _field(
+        30.0, "seconds between progress lines when stderr is not a terminal", "run"
+    )
 
     def __post_init__(self) -> None:
         if self.model_overrides is None:
@@ -97,6 +103,9 @@ class TrainConfig:
         for name in ("validation_size", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"--{flag(name)} {getattr(self, name)}: must not be negative")
+        for name in ("checkpoint_every", "progress_every"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{flag(name)} {getattr(self, name)}: must be positive")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"--max-steps {self.max_steps}: must be at least 1")
         if not self.lr > 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,9 @@ def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
         backend = run.create_backend(params)
         backend.load_optimizer_state(optimizer)
         print(
-            f"resumed {run.workdir} at step {state.step} (epoch {state.loader.epoch}, "
-            f"step {state.loader.step} of it)",
+            f"resumed {run.workdir} at step {state.step}/{run.recipe.total_steps}: epoch "
+            f"{state.loader.epoch + 1}/{run.config.epochs}, step {state.loader.step}/{run.steps_per_epoch} "
+            "of it",
             flush=True,
         )
         return backend, state
@@ -140,12 +141,22 @@ def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
 
 
 def train_epoch_steps(
-    run: Run, backend: Backend, batches: Iterator[pipeline.TrainBatch], state: RunState, stop_step: int
+    run: Run,
+    backend: Backend,
+    batches: Iterator[pipeline.TrainBatch],
+    state: RunState,
+    stop_step: int,
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
-    """Steps until the epoch ends or `stop_step`; updates `state` (step, loader, progress)."""
+    """Steps until the epoch ends or `stop_step`; updates `state` (step, loader, progress), and calls
+    `checkpoint` whenever checkpoint_every minutes have passed since the last one."""
     epoch = state.loader.epoch
-    line = ProgressLine(epoch, run.config.epochs, run.steps_per_epoch)
+    config = run.config
+    line = ProgressLine(
+        epoch, config.epochs, run.steps_per_epoch, stop_step, config.batch_size, config.progress_every
+    )
     pending: list[tuple[Any, Any, int]] = []  # device scalars, read at each redraw
+    last_checkpoint = time.perf_counter()
 
     def read_pending() -> None:
         for loss, correct, n in pending:
@@ -154,24 +165,27 @@ def train_epoch_steps(
             state.progress.seen += n
         pending.clear()
 
-    started = last_read = time.perf_counter()
+    started = time.perf_counter()
     while state.step < stop_step and state.loader.epoch == epoch:
         batch = next(batches)
         loss, correct = backend.train_step(batch.images, batch.labels, learning_rate(state.step, run.recipe))
         pending.append((loss, correct, len(batch.labels)))
         state.step, state.loader = state.step + 1, batch.next_state
-        # Reading the scalars waits for the device: only at the redraw interval, so an asynchronous
-        # backend (JAX) keeps dispatching steps while the previous ones compute.
-        if time.perf_counter() - last_read >= line.interval:
+        checkpoint_due = checkpoint and time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every
+        # Reading the scalars waits for the device: only when something is drawn or saved, so an
+        # asynchronous backend (JAX) keeps dispatching steps while the previous ones compute.
+        if line.due() or checkpoint_due:
             read_pending()
             state.progress.seconds += time.perf_counter() - started
-            started = last_read = time.perf_counter()
-            line.update(state.loader.step or run.steps_per_epoch, state.progress)
+            started = time.perf_counter()
+            line.update(state.loader.step or run.steps_per_epoch, state.step, state.progress)
+        if checkpoint_due and state.loader.epoch == epoch:  # an epoch's end is saved after validation
+            checkpoint()
+            last_checkpoint = started = time.perf_counter()
     read_pending()
     state.progress.seconds += time.perf_counter() - started
-    line.update(
-        state.loader.step if state.loader.epoch == epoch else run.steps_per_epoch, state.progress, force=True
-    )
+    in_epoch = state.loader.step if state.loader.epoch == epoch else run.steps_per_epoch
+    line.update(in_epoch, state.step, state.progress, force=True)
     line.close()
 
 
@@ -216,20 +230,20 @@ def train(run: Run, backend: Backend, state: RunState) -> RunState:
     with pipeline.Prefetcher(stream) as batches:
         while state.step < stop_step:
             epoch = state.loader.epoch
-            train_epoch_steps(run, backend, batches, state, stop_step)
+            train_epoch_steps(
+                run, backend, batches, state, stop_step, lambda: save_last_of(run, backend, state)
+            )
             if state.loader.epoch != epoch:
                 record = finish_epoch(run, backend, state)
                 print(describe(record), flush=True)
                 write_metrics(run.workdir, state.history)
-            save_last(
-                run.workdir,
-                run.cfg,
-                backend.reference_params(),
-                backend.optimizer_state(),
-                state,
-                run.config.trajectory(),
-            )
+            save_last_of(run, backend, state)
     return state
+
+
+def save_last_of(run: Run, backend: Backend, state: RunState) -> None:
+    trajectory = run.config.trajectory()
+    save_last(run.workdir, run.cfg, backend.reference_params(), backend.optimizer_state(), state, trajectory)
 
 
 def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, Any]:
