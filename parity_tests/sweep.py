@@ -2,6 +2,8 @@
 
     python -m parity_tests.sweep run torch --examples 2000 --out runs/sweep/torch-native.jsonl
     XLA_FLAGS=--xla_cpu_max_isa=AVX2 python -m parity_tests.sweep run flax --out runs/sweep/flax-avx2.jsonl
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python -m parity_tests.sweep run torch --out runs/sweep/torch-avx2.jsonl
     python -m parity_tests.sweep summary runs/sweep/*.jsonl
 
 `run` draws cases from the tests' strategy with its own Hypothesis seed (SWEEP_SEED, not the
@@ -73,6 +75,8 @@ def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEE
     machine = {
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "aten": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+        "onednn": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "mkl": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
         "machine": platform.processor() or platform.machine(),
     }
     with open(out_path, "a") as f:
