@@ -46,6 +46,11 @@ def check_conversion(
 
 def run_target(dst: Path, fmt: str, cfg: ViTConfig, images: np.ndarray) -> tuple[np.ndarray, str]:
     """Logits of the written file in the target ecosystem's backend, and that backend's name."""
+    if dst.is_dir():  # an hf directory: transformers itself where installed, else its weights read back
+        try:
+            return _run_transformers(dst, images), "transformers (float64, from_pretrained)"
+        except ImportError:
+            dst = dst / "model.safetensors"
     if fmt == "torch":
         try:
             return _run_torch(dst, cfg, images), "backends.torch_vit (float64)"
@@ -82,3 +87,15 @@ def _run_flax(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
     tree = traverse_util.unflatten_dict(flat, sep="/")
     with jax.enable_x64(True):  # scoped: float64 here only, the process's default stays float32
         return np.asarray(VisionTransformer(config=cfg).apply({"params": tree}, images))
+
+
+def _run_transformers(directory: Path, images: np.ndarray) -> np.ndarray:
+    import torch
+    from transformers import AutoModel, ViTForImageClassification
+
+    config = (directory / "config.json").read_text()
+    cls = ViTForImageClassification if "ViTForImageClassification" in config else AutoModel
+    model = cls.from_pretrained(directory, dtype=torch.float64).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    return (out.logits if hasattr(out, "logits") else out.pooler_output).numpy()

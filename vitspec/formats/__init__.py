@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision, hf, timm, vit_jax
 from vitspec.formats.base import Format
-from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, load, save
+from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, atomic_write, load, save
 from vitspec.formats.files import TORCH_SUFFIXES, read_tensors, write_tensors
 from vitspec.formats.inference import CONFIG_FIELDS, READING_FLAGS, check_flags, reading_flags
 from vitspec.formats.table import FormatError
@@ -106,9 +107,19 @@ def load_any(
 
 
 def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: dict[str, np.ndarray]) -> None:
-    """Write `params` in layout `fmt` to `path`, atomically; the suffix must suit the format."""
+    """Write `params` in layout `fmt` to `path`, atomically; the suffix must suit the format.
+
+    `hf` and `hf4` also write a directory (a path without a suffix): model.safetensors and the
+    config.json transformers' `from_pretrained(path)` reads."""
     fmt = resolve_format(fmt)
     path = Path(path)
+    if fmt in (hf.NAME, hf.NAME_4X) and not path.suffix:
+        EXTERNAL[fmt].table(cfg)  # refuses what transformers' ViT cannot express, before writing anything
+        path.mkdir(parents=True, exist_ok=True)
+        write_tensors(path / "model.safetensors", EXTERNAL[fmt].from_reference(params, cfg))
+        text = json.dumps(hf.transformers_config(cfg), indent=2) + "\n"
+        atomic_write(path / "config.json", lambda f: f.write(text.encode()))
+        return
     suffixes = REFERENCE_SUFFIXES if fmt == REFERENCE else EXTERNAL[fmt].suffixes
     if path.suffix not in suffixes:
         raise FormatError(

@@ -140,6 +140,34 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
     return [reason for ok, reason in checks if not ok]
 
 
+def transformers_config(cfg: ViTConfig) -> dict:
+    """The config.json that `ViTForImageClassification` (with a head) or `ViTModel` (without)
+    `.from_pretrained(dir)` reads beside the weights: sizes, GELU form, eps, labels."""
+    size = cfg.image_size if cfg.image_size[0] != cfg.image_size[1] else cfg.image_size[0]
+    patch = cfg.patch_size if cfg.patch_size[0] != cfg.patch_size[1] else cfg.patch_size[0]
+    labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+    return {
+        "architectures": ["ViTForImageClassification" if cfg.num_classes else "ViTModel"],
+        "model_type": "vit",
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.mlp_dim,
+        "hidden_act": {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}[cfg.gelu],
+        "layer_norm_eps": cfg.ln_eps,
+        "image_size": list(size) if isinstance(size, tuple) else size,
+        "patch_size": list(patch) if isinstance(patch, tuple) else patch,
+        "num_channels": cfg.in_channels,
+        "qkv_bias": cfg.qkv_bias,
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "pooler_output_size": cfg.width,
+        "pooler_act": "tanh",
+        "id2label": labels,
+        "label2id": {name: int(i) for i, name in labels.items()},
+    }
+
+
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
     p = prefix_of(native.keys())
     n = naming_of(native.keys())
