@@ -17,6 +17,7 @@ import torch
 from backends.torch_vit import VisionTransformer, from_reference
 from parity_tests.strategies import random_params
 from vitspec.config import ViTConfig
+from vitspec.formats.timm import timm_kwargs
 
 vision_transformer = pytest.importorskip(
     "timm.models.vision_transformer", reason="timm (with a torchvision matching this torch) is not installed"
@@ -46,23 +47,7 @@ VARIANTS = [
 
 def timm_model(cfg: ViTConfig):
     return vision_transformer.VisionTransformer(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_channels,
-        num_classes=cfg.num_classes,
-        embed_dim=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_dim / cfg.width,
-        qkv_bias=cfg.qkv_bias,
-        qk_norm=cfg.qk_norm,
-        init_values=cfg.layer_scale,
-        class_token=cfg.class_token,
-        reg_tokens=cfg.num_registers,
-        global_pool={"token": "token", "gap": "avg", "map": "map", "none": ""}[cfg.pool],
-        no_embed_class=not cfg.posemb_on_cls,
-        fc_norm=cfg.fc_norm,
-        pos_embed="learn" if cfg.posemb == "learned" else "none",
+        **timm_kwargs(cfg),
         norm_layer=partial(torch.nn.LayerNorm, eps=cfg.ln_eps),
         act_layer=partial(torch.nn.GELU, approximate="none" if cfg.gelu == "exact" else "tanh"),
     )

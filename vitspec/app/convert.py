@@ -35,9 +35,11 @@ from vitspec.formats import (
     load_with_notes,
     resolve_format,
     save_any,
+    timm,
 )
 from vitspec.formats.checkpoint import CheckpointError
 from vitspec.formats.table import FormatError
+from vitspec.formats.timm import timm_construction
 from vitspec.params import ParamTreeError, num_params
 from vitspec.posemb import resample_posemb
 
@@ -128,6 +130,8 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
         print(f"image size {source.cfg.image_size} -> {cfg.image_size}: {what}", file=out)
     if to_fmt != REFERENCE:
         _print_unstored(out, to_fmt, cfg)
+    if to_fmt == timm.NAME:
+        print(f"timm loads it (load_state_dict(strict=True)) into: {timm_construction(cfg)}", file=out)
 
 
 def _print_unstored(out: TextIO, fmt: str, cfg: ViTConfig) -> None:

@@ -118,3 +118,40 @@ FORMAT = Format(
     read_facts=_facts,
     suffixes=(".pt", ".pth", ".bin", ".safetensors"),
 )
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """The arguments of timm's `VisionTransformer` (timm.models.vision_transformer) whose state dict is
+    this config's table, but for the LayerNorm eps and GELU form, which timm takes as layers
+    (`timm_construction` spells them out). A sincos2d embedding has no timm argument: timm's model
+    computes without it."""
+    return {
+        "img_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_channels,
+        "num_classes": cfg.num_classes,
+        "embed_dim": cfg.width,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_dim / cfg.width,
+        "qkv_bias": cfg.qkv_bias,
+        "qk_norm": cfg.qk_norm,
+        "init_values": cfg.layer_scale,
+        "class_token": cfg.class_token,
+        "reg_tokens": cfg.num_registers,
+        "global_pool": {"token": "token", "gap": "avg", "map": "map", "none": ""}[cfg.pool],
+        "no_embed_class": not cfg.posemb_on_cls,
+        "fc_norm": cfg.fc_norm,
+        "pos_embed": "learn" if cfg.posemb == "learned" else "none",
+    }
+
+
+def timm_construction(cfg: ViTConfig) -> str:
+    """Python that builds the timm model this config's file loads into with load_state_dict(strict=True)."""
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(cfg).items())
+    gelu = "none" if cfg.gelu == "exact" else "tanh"
+    return (
+        f"timm.models.vision_transformer.VisionTransformer({kwargs}, "
+        f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.ln_eps!r}), "
+        f"act_layer=functools.partial(torch.nn.GELU, approximate={gelu!r}))"
+    )
