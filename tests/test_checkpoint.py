@@ -145,3 +145,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.npz").stat().st_mode & 0o777 == 0o600
+
+
+def test_non_finite_tensors_are_refused_by_name_on_save_and_load(tmp_path):
+    cfg = vitspec.ViTConfig(
+        image_size=4, patch_size=2, width=8, depth=1, num_heads=2, mlp_dim=8, num_classes=2
+    )
+    params = vitspec.init_params(cfg)
+    params["head/bias"] = np.array([np.nan, 1.0], np.float32)
+    with pytest.raises(
+        CheckpointError, match="refusing to write NaN or infinite values in 1 tensor.*head/bias"
+    ):
+        vitspec.save(tmp_path / "m.safetensors", cfg, params)
+    assert not (tmp_path / "m.safetensors").exists()
+    from safetensors.numpy import save_file  # a file written by someone else
+
+    save_file(dict(params), str(tmp_path / "m.safetensors"), metadata={"vitspec_config": cfg.to_json()})
+    with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*head/bias"):
+        vitspec.load(tmp_path / "m.safetensors")
+    assert np.isnan(vitspec.load(tmp_path / "m.safetensors", allow_nonfinite=True)[1]["head/bias"][0])

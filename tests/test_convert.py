@@ -304,3 +304,39 @@ def test_wrapped_and_bfloat16_state_dicts_load(tmp_path):
     assert loaded_cfg.num_heads == 3 and params["head/kernel"].dtype == np.float32
     with pytest.raises(CheckpointError, match="no such file"):
         load_any(tmp_path / "missing.pt")
+
+
+def test_a_check_that_finds_other_logits_fails_with_exit_1(ref_file, tmp_path, capsys, monkeypatch):
+    from vitspec.app import convert_check
+
+    real = convert_check.run_target
+    for wrong in (lambda x: x + 1e-3, lambda x: np.full_like(x, np.nan)):
+        monkeypatch.setattr(
+            convert_check, "run_target", lambda *a, wrong=wrong: (wrong(real(*a)[0]), "a broken backend")
+        )
+        code, _, err = run(capsys, ref_file, tmp_path / "m.pt", "--check", "--overwrite")
+        assert code == 1 and "check failed: the written m.pt computes logits" in err
+
+
+def test_evaluate_refuses_a_model_of_another_class_count(tmp_path, capsys):
+    from tests.test_training import write_fashion_mnist
+    from vitspec.app import cli
+
+    write_fashion_mnist(tmp_path / "fashion-mnist", train=20, test=4)
+    cfg = ViTConfig(
+        image_size=28, patch_size=7, in_channels=1, width=8, depth=1, num_heads=2, mlp_dim=8, num_classes=12
+    )
+    vitspec.save(tmp_path / "m.safetensors", cfg, random_params(cfg, 0))
+    code = cli.main(
+        [
+            "evaluate",
+            str(tmp_path / "m.safetensors"),
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--validation-size",
+            "4",
+        ]
+    )
+    assert code == 2 and "has 12 classes; fashion-mnist has 10" in capsys.readouterr().err

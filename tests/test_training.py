@@ -283,3 +283,24 @@ def test_progress_into_a_log_is_whole_lines_at_the_interval(data_dir, tmp_path, 
         f"(step {i}/3)" in line and " left" in line and "img/s" in line
         for i, line in zip([1, 2, 3, 3], lines, strict=True)
     )
+
+
+def test_a_workdir_holding_a_run_is_refused_without_resume_or_overwrite(data_dir, straight_runs, tmp_path):
+    workdir = tmp_path / "run"
+    train_and_evaluate(config(data_dir, max_steps=1), workdir, "torch")
+    before = (workdir / LAST).read_bytes()
+    with pytest.raises(ValueError, match="already holds a run .*pass --resume to continue it, --overwrite"):
+        train_and_evaluate(config(data_dir, max_steps=2), workdir, "torch")
+    assert (workdir / LAST).read_bytes() == before
+    summary = train_and_evaluate(config(data_dir, max_steps=2), workdir, "torch", overwrite=True)
+    assert summary["steps_done"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_diverging_run_stops_with_a_named_error_and_writes_no_nan(backend, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"training diverged: (the loss of step|after step) \d+"):
+        train_and_evaluate(config(data_dir, lr=1e9, clip_norm=0, checkpoint_every=1e-9), tmp_path, backend)
+    for name in (LAST, BEST):
+        if (tmp_path / name).exists():
+            params = vitspec.load(tmp_path / name)[1]  # refuses non-finite tensors
+            assert all(np.isfinite(v).all() for v in params.values())

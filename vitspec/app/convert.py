@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
-from vitspec.app.convert_check import check_conversion
+from vitspec.app.convert_check import CheckFailed, check_conversion
 from vitspec.config import GELUS, POOLS, POSEMBS, ViTConfig
 from vitspec.formats import (
     EXTERNAL,
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None, prog: str = "vitspec convert") -> int:
             posemb=args.posemb,
             pool=args.pool,
         )
+    except CheckFailed as e:  # the file is written and wrong: a failure, not a user error
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (FormatError, CheckpointError, ParamTreeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,17 @@ from vitspec.formats.inference import reading_flags
 from vitspec.reference import forward
 
 CHECK_BATCH = 2
+# A conversion copies arrays: in float64 the written file's logits match the reference's to
+# rounding (parity tests: <= 5e-13 of the largest logit). Above this, or not finite, it failed.
+CHECK_REL = 1e-9
+
+
+class CheckFailed(ValueError):
+    """The written file does not compute what the source computes."""
+
+
+def check_passed(diff: float, expected: np.ndarray) -> bool:
+    return bool(np.isfinite(diff)) and diff <= CHECK_REL * float(np.max(np.abs(expected)))
 
 
 def check_conversion(
@@ -40,6 +51,11 @@ def check_conversion(
         print(
             "WARNING: every logit is 0 (a zero head, as freshly initialized): this check proves nothing",
             file=out,
+        )
+    elif not check_passed(diff, expected):
+        raise CheckFailed(
+            f"check failed: the written {dst.name} computes logits {diff:.3g} away from the source's "
+            f"(bound {CHECK_REL:g} x max |logit|, {CHECK_REL * scale:.3g})"
         )
     return diff
 

@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "vitspec evaluate") -> E
 
     cfg, params = vitspec.load(args.checkpoint)
     dataset = datasets.load(DATASETS[args.dataset], args.data_dir, validation_size=args.validation_size)
+    if cfg.num_classes != dataset.num_classes:
+        raise ValueError(
+            f"{args.checkpoint} has {cfg.num_classes} classes; {args.dataset} has {dataset.num_classes}: "
+            "its accuracy there would mean nothing"
+        )
     images = getattr(dataset, args.split)
     predict = predictor(args.backend, cfg, params, dataset.stats, args.precision)
     result = evaluate(predict, images, cfg.num_classes, args.batch_size)

@@ -17,7 +17,7 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision, hf, timm, vit_jax
 from vitspec.formats.base import Format
-from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, atomic_write, load, save
+from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, atomic_write, load, nonfinite_names, save
 from vitspec.formats.files import TORCH_SUFFIXES, read_tensors, write_tensors
 from vitspec.formats.inference import CONFIG_FIELDS, READING_FLAGS, check_flags, reading_flags
 from vitspec.formats.table import FormatError
@@ -91,6 +91,9 @@ def load_with_notes(path: str | Path, fmt: str | None = None, **flags: Any) -> L
     cfg, notes = layout.infer_config_with_notes(arrays, **flags)
     params = layout.to_reference(arrays, cfg)
     validate_params(cfg, params, source=str(path))  # names and shapes match by now; this refuses non-floats
+    bad = nonfinite_names(params)
+    if bad:
+        raise FormatError(f"{path}: NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:5])}")
     return Loaded(fmt, cfg, params, notes)
 
 

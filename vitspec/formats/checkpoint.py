@@ -166,11 +166,29 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata
 
 
+def nonfinite_names(params: dict[str, np.ndarray]) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity."""
+    return [k for k, v in params.items() if not np.isfinite(np.asarray(v, dtype=np.float64)).all()]
+
+
+def _refuse_nonfinite(path, params: dict[str, np.ndarray], what: str) -> None:
+    bad = nonfinite_names(params)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"{path}: {what + ' ' if what else ''}NaN or infinite values in {len(bad)} tensor(s): {shown}"
+        )
+
+
 def save(path: str | os.PathLike, cfg: ViTConfig, params: dict[str, np.ndarray]) -> None:
-    """Write the reference tree and its config; `.safetensors` or `.npz` by the file's suffix."""
+    """Write the reference tree and its config; `.safetensors` or `.npz` by the file's suffix.
+
+    A tree with a NaN or an infinity is refused: such a model computes nothing, and a file of it
+    would pass for one that does."""
     path = Path(path)
     validate_params(cfg, params)
     arrays = {k: np.asarray(v) for k, v in params.items()}
+    _refuse_nonfinite(path, arrays, "refusing to write")
     if path.suffix == ".safetensors":
         write_safetensors(path, arrays, {FORMAT_KEY: FORMAT_VALUE, CONFIG_KEY: cfg.to_json()})
     elif path.suffix == ".npz":
@@ -189,8 +207,11 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
 
-def load(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, np.ndarray]]:
-    """Read a checkpoint written by `save`; the tree is validated against its config."""
+def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTConfig, dict[str, np.ndarray]]:
+    """Read a checkpoint written by `save`; the tree is validated against its config.
+
+    Tensors with a NaN or an infinity are refused by name unless `allow_nonfinite` (to inspect a
+    broken file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -216,4 +237,6 @@ def load(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, np.ndarray]]:
         validate_params(cfg, params, source=str(path))
     except ParamTreeError as e:
         raise CheckpointError(str(e)) from None
+    if not allow_nonfinite:
+        _refuse_nonfinite(path, params, "")
     return cfg, params

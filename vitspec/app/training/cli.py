@@ -77,6 +77,7 @@ def build_parser(prog: str, backend: str | None = None) -> argparse.ArgumentPars
         help="where the run's files go (default: runs/<backend>-<dataset>-<model>)",
     )
     run.add_argument("--resume", action="store_true", help="continue from <workdir>/last.*")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     return parser
 
 
@@ -97,5 +98,9 @@ def main(
     backend = backend or args.backend
     config = config_of(args)  # a bad value is a ValueError naming its flag: `vitspec.app.cli.run` reports it
     return train_and_evaluate(
-        config, args.workdir or default_workdir(config, backend), backend, resume=args.resume
+        config,
+        args.workdir or default_workdir(config, backend),
+        backend,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,8 @@ from vitspec.app.training.reports import describe, plot_reports
 from vitspec.app.training.state import (
     BEST,
     LAST,
+    LAST_STATE_JSON,
+    LAST_STATE_NPZ,
     EpochProgress,
     RunState,
     load_last,
@@ -40,6 +43,7 @@ from vitspec.app.training.state import (
     write_metrics,
 )
 from vitspec.config import ViTConfig
+from vitspec.formats.checkpoint import nonfinite_names
 from vitspec.recipe import Recipe, learning_rate
 
 
@@ -155,12 +159,19 @@ def train_epoch_steps(
     line = ProgressLine(
         epoch, config.epochs, run.steps_per_epoch, stop_step, config.batch_size, config.progress_every
     )
-    pending: list[tuple[Any, Any, int]] = []  # device scalars, read at each redraw
+    pending: list[tuple[int, Any, Any, int]] = []  # (step, device scalars, images), read at each redraw
     last_checkpoint = time.perf_counter()
 
     def read_pending() -> None:
-        for loss, correct, n in pending:
-            state.progress.loss_sum += float(loss) * n
+        for step, loss, correct, n in pending:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"training diverged: the loss of step {step} is {loss}; nothing after the last save is "
+                    f"written (last.* holds step {state_saved_step(run)}). Lower --lr (it is {config.lr}) "
+                    "and start the run again"
+                )
+            state.progress.loss_sum += loss * n
             state.progress.correct += int(correct)
             state.progress.seen += n
         pending.clear()
@@ -169,7 +180,7 @@ def train_epoch_steps(
     while state.step < stop_step and state.loader.epoch == epoch:
         batch = next(batches)
         loss, correct = backend.train_step(batch.images, batch.labels, learning_rate(state.step, run.recipe))
-        pending.append((loss, correct, len(batch.labels)))
+        pending.append((state.step + 1, loss, correct, len(batch.labels)))
         state.step, state.loader = state.step + 1, batch.next_state
         checkpoint_due = checkpoint and time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every
         # Reading the scalars waits for the device: only when something is drawn or saved, so an
@@ -211,7 +222,7 @@ def finish_epoch(run: Run, backend: Backend, state: RunState) -> dict[str, Any]:
         record |= {"val_loss": validation.loss, "val_accuracy": validation.top1}
         if state.best_accuracy is None or validation.top1 > state.best_accuracy:
             state.best_accuracy = validation.top1
-            vitspec.save(run.workdir / BEST, run.cfg, backend.reference_params())
+            vitspec.save(run.workdir / BEST, run.cfg, finite_params(run, backend, state))
             record["best"] = True
     state.history.append(record)
     state.progress = EpochProgress()
@@ -241,9 +252,28 @@ def train(run: Run, backend: Backend, state: RunState) -> RunState:
     return state
 
 
+def state_saved_step(run: Run) -> int | str:
+    """The step the workdir's last checkpoint holds, for messages."""
+    path = run.workdir / LAST_STATE_JSON
+    return json.loads(path.read_text())["step"] if path.is_file() else "none"
+
+
+def finite_params(run: Run, backend: Backend, state: RunState) -> dict[str, np.ndarray]:
+    """The backend's parameters, or the named error of a run that diverged (nothing non-finite is saved)."""
+    params = backend.reference_params()
+    bad = nonfinite_names(params)
+    if bad:
+        raise ValueError(
+            f"training diverged: after step {state.step} the parameters hold NaN or infinite values "
+            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); nothing of it is written (last.* holds "
+            f"step {state_saved_step(run)}). Lower --lr (it is {run.config.lr}) and start the run again"
+        )
+    return params
+
+
 def save_last_of(run: Run, backend: Backend, state: RunState) -> None:
-    trajectory = run.config.trajectory()
-    save_last(run.workdir, run.cfg, backend.reference_params(), backend.optimizer_state(), state, trajectory)
+    params = finite_params(run, backend, state)
+    save_last(run.workdir, run.cfg, params, backend.optimizer_state(), state, run.config.trajectory())
 
 
 def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, Any]:
@@ -275,18 +305,45 @@ def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, An
     return summary
 
 
+RUN_FILES = (
+    "config.json",
+    LAST,
+    LAST_STATE_NPZ,
+    LAST_STATE_JSON,
+    BEST,
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "confusion.png",
+)
+
+
+def claim_workdir(workdir: Path, overwrite: bool) -> None:
+    """A fresh run's workdir: refused if a run is already there, unless `overwrite` (which removes it)."""
+    existing = [name for name in RUN_FILES if (workdir / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{workdir} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
+            "--overwrite to replace it, or another --workdir"
+        )
+    for name in existing:
+        (workdir / name).unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
 def train_and_evaluate(
-    config: TrainConfig, workdir: str | Path, backend: str, *, resume: bool = False
+    config: TrainConfig, workdir: str | Path, backend: str, *, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
     """Train `config` with `backend` ('torch' or 'flax') in `workdir`, then test the best model.
 
     Returns the summary (also in <workdir>/summary.json). With `resume`, continues from the
-    workdir's last checkpoint, refusing one written under other trajectory settings.
+    workdir's last checkpoint, refusing one written under other trajectory settings; without it, a
+    workdir that holds a run is refused unless `overwrite`.
     """
     started = time.perf_counter()
     run = setup(config, workdir, backend)
     if not resume:
-        run.workdir.mkdir(parents=True, exist_ok=True)
+        claim_workdir(run.workdir, overwrite)
     backend_state = start(run, resume)
     write_json(
         run.workdir / "config.json",
