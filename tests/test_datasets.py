@@ -521,3 +521,14 @@ def test_normalize_is_float32_and_standardizes():
 def test_imageset_rejects_wrong_dtypes():
     with pytest.raises(ValueError, match="uint8"):
         ImageSet(np.zeros((2, 4, 4, 1), dtype=np.float32), np.zeros(2, dtype=np.int64))
+
+
+def test_a_data_dir_with_part_of_fashion_mnist_names_the_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "system")
+    write_fashion_mnist(tmp_path / "system")
+    write_fashion_mnist(tmp_path / "mine" / "fashion-mnist")
+    (tmp_path / "mine" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(
+        datasets.DatasetError, match="holds part of Fashion-MNIST: missing t10k-labels-idx1-ubyte"
+    ):
+        datasets.load("fashion_mnist", tmp_path / "mine", validation_size=2)

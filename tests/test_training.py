@@ -44,10 +44,10 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def write_fashion_mnist(directory: Path, train: int, test: int) -> None:
+def write_fashion_mnist(directory: Path, train: int, test: int, seed: int = 0) -> None:
     """The four official IDX files; brightness depends on the label, so there is signal to learn."""
     directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for prefix, count in (("train", train), ("t10k", test)):
         labels = rng.integers(0, 10, count)
         images = rng.integers(0, 60, (count, 28, 28)) + 19 * labels[:, None, None]
@@ -304,3 +304,13 @@ def test_a_diverging_run_stops_with_a_named_error_and_writes_no_nan(backend, dat
         if (tmp_path / name).exists():
             params = vitspec.load(tmp_path / name)[1]  # refuses non-finite tensors
             assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_resume_on_other_data_is_refused(data_dir, tmp_path):
+    train_and_evaluate(config(data_dir, max_steps=1), tmp_path / "run", "torch")
+    other = tmp_path / "other"
+    write_fashion_mnist(other / "fashion-mnist", train=80, test=20, seed=1)
+    with pytest.raises(
+        ValueError, match=r"the training data \(--data-dir\): saved '64 train \+ 16 validation"
+    ):
+        train_and_evaluate(config(other), tmp_path / "run", "torch", resume=True)

@@ -99,8 +99,15 @@ def read_fashion_mnist(directory: str | Path) -> OfficialSplits:
 
 
 def fashion_mnist_source(data_dir: Path) -> Path:
+    """The directory that holds all four files: data_dir's own, else the system copy. A data_dir
+    holding some of them is an error naming the missing ones, never a silent switch to the other
+    copy (a run's data come from one place)."""
     candidates = [data_dir / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
     for directory in candidates:
-        if all(_find_idx(directory, stem) for stem in _FASHION_MNIST_FILES.values()):
+        found = {stem: _find_idx(directory, stem) for stem in _FASHION_MNIST_FILES.values()}
+        if all(found.values()):
             return directory
+        if any(found.values()):
+            missing = [f"{stem}[.gz]" for stem, path in found.items() if path is None]
+            raise DatasetError(f"{directory} holds part of Fashion-MNIST: missing {', '.join(missing)}")
     raise not_found_error("fashion_mnist", data_dir, candidates)

@@ -14,9 +14,11 @@ test-set evaluation summary.json, curves.png, confusion.png.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from vitspec.app.training.progress import ProgressLine
 from vitspec.app.training.reports import describe, plot_reports
 from vitspec.app.training.state import (
     BEST,
+    DATA_KEY,
     LAST,
     LAST_STATE_JSON,
     LAST_STATE_NPZ,
@@ -61,6 +64,14 @@ class Run:
     augmentation: pipeline.Augmentation
     normalization: np.ndarray
 
+    @functools.cached_property
+    def data_identity(self) -> str:
+        return data_identity(self.dataset)
+
+    def trajectory(self) -> dict[str, Any]:
+        """What decides the run's numbers: the trajectory settings and the data they train on."""
+        return self.config.trajectory() | {DATA_KEY: self.data_identity}
+
     def create_backend(self, params: dict[str, np.ndarray]) -> Backend:
         return create_backend(
             self.backend_name,
@@ -71,6 +82,15 @@ class Run:
             self.config.precision,
             self.config.seed,
         )
+
+
+def data_identity(dataset: datasets.Dataset) -> str:
+    """Sizes and CRC-32 of the training and validation images and labels."""
+    crc = 0
+    for part in (dataset.train, dataset.validation):
+        for array in (part.images, part.labels):
+            crc = zlib.crc32(np.ascontiguousarray(array).data, crc)
+    return f"{len(dataset.train)} train + {len(dataset.validation)} validation images, crc32 {crc:08x}"
 
 
 def model_config(config: TrainConfig, dataset: datasets.Dataset) -> ViTConfig:
@@ -131,7 +151,7 @@ def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
 def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
     """A fresh backend at `init_params(cfg, seed)`, or the workdir's last checkpoint when resuming."""
     if resume:
-        params, optimizer, state = load_last(run.workdir, run.config.trajectory())
+        params, optimizer, state = load_last(run.workdir, run.trajectory())
         backend = run.create_backend(params)
         backend.load_optimizer_state(optimizer)
         print(
@@ -273,7 +293,7 @@ def finite_params(run: Run, backend: Backend, state: RunState) -> dict[str, np.n
 
 def save_last_of(run: Run, backend: Backend, state: RunState) -> None:
     params = finite_params(run, backend, state)
-    save_last(run.workdir, run.cfg, params, backend.optimizer_state(), state, run.config.trajectory())
+    save_last(run.workdir, run.cfg, params, backend.optimizer_state(), state, run.trajectory())
 
 
 def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, Any]:

@@ -22,6 +22,9 @@ from vitspec.config import ViTConfig
 from vitspec.formats.checkpoint import atomic_write, load, save
 
 LAST, BEST = "last.safetensors", "best.safetensors"
+# The run's data, as sizes and a checksum, beside the trajectory settings: a resume on other data
+# (another --data-dir) is another run.
+DATA_KEY, DATA_KEY_LABEL = "data", "the training data (--data-dir)"
 LAST_STATE_NPZ, LAST_STATE_JSON = "last.state.npz", "last.state.json"
 
 
@@ -117,7 +120,8 @@ def load_last(
     changed = {k: (saved["flags"].get(k), v) for k, v in now.items() if saved["flags"].get(k) != v}
     if changed:
         described = ", ".join(
-            f"--{k.replace('_', '-')}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items()
+            f"{DATA_KEY_LABEL if k == DATA_KEY else '--' + k.replace('_', '-')}: saved {old!r}, now {new!r}"
+            for k, (old, new) in changed.items()
         )
         raise ValueError(f"--resume: {workdir} was trained with other flags ({described})")
     _, params = load(workdir / LAST)
