@@ -164,3 +164,19 @@ def test_non_finite_tensors_are_refused_by_name_on_save_and_load(tmp_path):
     with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*head/bias"):
         vitspec.load(tmp_path / "m.safetensors")
     assert np.isnan(vitspec.load(tmp_path / "m.safetensors", allow_nonfinite=True)[1]["head/bias"][0])
+
+
+def test_a_symlink_is_written_through_and_stale_temp_files_are_cleared(tmp_path):
+    cfg = vitspec.ViTConfig(
+        image_size=4, patch_size=2, width=8, depth=1, num_heads=2, mlp_dim=8, num_classes=2
+    )
+    target, link = tmp_path / "run1.safetensors", tmp_path / "latest.safetensors"
+    vitspec.save(target, cfg, vitspec.init_params(cfg, 0))
+    link.symlink_to(target.name)
+    stale = tmp_path / ".run1.safetensors.abc123.tmp"  # left by a write killed earlier
+    stale.write_bytes(b"x" * 100)
+    vitspec.save(link, cfg, vitspec.init_params(cfg, 1))
+    assert link.is_symlink() and not stale.exists()
+    np.testing.assert_array_equal(
+        vitspec.load(target)[1]["pos_embed"], vitspec.init_params(cfg, 1)["pos_embed"]
+    )

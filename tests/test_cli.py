@@ -170,3 +170,21 @@ def test_a_bad_checkpoint_is_one_error_and_debug_shows_the_traceback(capsys, tmp
     assert "bad.safetensors" in user_error(capsys, argv)
     with pytest.raises(vitspec.CheckpointError):
         cli.main([*argv, "--debug"])
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_leaves_no_temp_files(tiny_data, tmp_path):
+    import signal
+    import time
+
+    argv = train_flags(tiny_data, tmp_path / "run", "--epochs", "1000", "--progress-every", "0.01")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vitspec", *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    line = process.stderr.readline()  # the first progress line: training is under way
+    assert line.startswith("epoch 1/1000"), line
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert "error: interrupted" in err and "Traceback" not in err
+    assert not list((tmp_path / "run").glob(".*.tmp"))

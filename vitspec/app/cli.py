@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(command: str, argv: Sequence[str], prog: str, **kwargs) -> int:
     """Run one command; a user error (a bad flag value, a missing or broken file, a refused resume)
     ends as one `error: ...` paragraph on stderr and exit status 2. `--debug` anywhere in argv, or
@@ -74,6 +80,8 @@ def run(command: str, argv: Sequence[str], prog: str, **kwargs) -> int:
     debug = "--debug" in argv or os.environ.get("VITSPEC_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     module, function, _ = COMMANDS[command]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # kill -TERM acts as Ctrl-C
     try:
         result = getattr(importlib.import_module(module), function)(argv, prog=prog, **kwargs)
     except (ValueError, OSError) as error:  # the library's named errors are ValueErrors
@@ -81,6 +89,14 @@ def run(command: str, argv: Sequence[str], prog: str, **kwargs) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted (a file being written was left as it was before)", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return result if isinstance(result, int) else 0  # commands that return results (train) succeeded
 
 

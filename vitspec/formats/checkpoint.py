@@ -12,6 +12,7 @@ leaves a partial checkpoint under the real name.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import struct
@@ -53,8 +54,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> No
     """Call write(file) on a temp file beside `path`, fsync, then rename it over `path`.
 
     The file gets the permissions an ordinary write would give it (0666 less the umask; the temp
-    file's own are 0600)."""
+    file's own are 0600). A symlink is written through: the file it points to is replaced and the
+    link kept, as an ordinary write would (a `latest.pt` link stays a link). Temp files that an
+    earlier killed write to the same path left behind (our naming: .<name>.*.tmp) are removed first.
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
