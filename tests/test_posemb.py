@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 import vitspec
 from parity_tests.strategies import random_images, random_params
 from parity_tests.tolerances import assert_close_f64
-from vitspec.app.convert import resample
 from vitspec.config import ViTConfig
-from vitspec.posemb import resample_posemb
+from vitspec.posemb import resample_model, resample_posemb
 
 
 @given(st.integers(0, 3), st.integers(1, 5), st.integers(1, 5), st.sampled_from([np.float32, np.float64]))
@@ -73,7 +72,7 @@ def test_resampled_model_runs_in_both_backends_and_they_agree(overrides):
         num_classes=5,
         **overrides,
     )
-    new_cfg, params = resample(cfg, random_params(cfg, 0), (10, 8))
+    new_cfg, params = resample_model(cfg, random_params(cfg, 0), (10, 8))
     assert new_cfg.grid_size == (5, 4)
     images = random_images(new_cfg, 2, 0)
     expected = {"logits": vitspec.forward(new_cfg, params, images)}

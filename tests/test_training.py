@@ -19,6 +19,7 @@ import pytest
 import vitspec
 from backends.flax_vit import train as flax_train
 from backends.torch_vit import train as torch_train
+from parity_tests.strategies import random_params
 from vitspec.app import datasets, evaluate
 from vitspec.app.training import TrainConfig, normalization_table, train_and_evaluate
 from vitspec.app.training.backend import BACKEND_CLASSES, backend_module
@@ -314,3 +315,49 @@ def test_resume_on_other_data_is_refused(data_dir, tmp_path):
         ValueError, match=r"the training data \(--data-dir\): saved '64 train \+ 16 validation"
     ):
         train_and_evaluate(config(other), tmp_path / "run", "torch", resume=True)
+
+
+def fine_tuning_source(tmp_path: Path, **overrides) -> tuple[Path, vitspec.ViTConfig, dict]:
+    """A timm file of the tiny model at 20x20 images with 5 classes (Fashion-MNIST is 28x28, 10)."""
+    from vitspec.formats import save_any
+
+    model = vitspec.variant("fmnist-tiny", num_classes=10, **TINY_MODEL)
+    source = model.replace(image_size=(20, 20), num_classes=5, **overrides)
+    params = random_params(source, 3)
+    save_any(tmp_path / "pretrained.pth", "torch", source, params)
+    return tmp_path / "pretrained.pth", model, params
+
+
+def test_init_loads_resamples_and_reinitializes_the_head(tmp_path, capsys):
+    from vitspec.app.training.init import fine_tuning_start
+    from vitspec.posemb import resample_model
+
+    path, model, source_params = fine_tuning_source(tmp_path)
+    params, notes = fine_tuning_start(model, path)
+    assert "position embedding resampled 5x5 -> 7x7 patches (28x28 images)" in notes[1]
+    assert "head re-initialized at zero: 5 -> 10 classes" in notes[2]
+    assert params.keys() == vitspec.init_params(model).keys()
+    resampled = resample_model(model.replace(image_size=(20, 20)), source_params, (28, 28))[1]["pos_embed"]
+    np.testing.assert_array_equal(params["pos_embed"], resampled.astype(np.float32))
+    assert not params["head/kernel"].any() and not params["head/bias"].any()
+    for name, value in source_params.items():
+        if not name.startswith(("head/", "pos_embed")):
+            np.testing.assert_array_equal(params[name], value.astype(np.float32), err_msg=name)
+
+
+def test_fine_tuning_from_a_converted_checkpoint_is_the_same_run_in_both_backends(data_dir, tmp_path):
+    path, _, _ = fine_tuning_source(tmp_path)
+    for backend in BACKENDS:
+        train_and_evaluate(config(data_dir, init=path, max_steps=3), tmp_path / backend, backend)
+    torch_params, flax_params = (params_of(tmp_path / b / LAST) for b in ("torch", "flax"))
+    for name in torch_params:
+        atol = 5e-5 if name.endswith("attn/key/bias") else 2e-6  # as in the from-scratch comparison above
+        np.testing.assert_allclose(torch_params[name], flax_params[name], rtol=0, atol=atol, err_msg=name)
+
+
+def test_init_refuses_another_architecture_listing_every_difference(data_dir, tmp_path):
+    path, _, _ = fine_tuning_source(tmp_path, depth=2, qkv_bias=False)
+    with pytest.raises(
+        ValueError, match=r"is not this model \(2 difference\(s\)\): depth: file 2, model 1; qkv_bias"
+    ):
+        train_and_evaluate(config(data_dir, init=path, max_steps=1), tmp_path / "run", "torch")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage
 
+from vitspec.config import ViTConfig
+
 
 def resample_posemb(
     posemb: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int
@@ -36,3 +38,16 @@ def resample_posemb(
     if resized.shape[:2] != tuple(new_grid):
         raise AssertionError(f"zoom produced a {resized.shape[:2]} grid, not {new_grid}")
     return np.concatenate([prefix, resized.reshape(new_grid[0] * new_grid[1], -1).astype(posemb.dtype)])
+
+
+def resample_model(
+    cfg: ViTConfig, params: dict[str, np.ndarray], image_size: tuple[int, int]
+) -> tuple[ViTConfig, dict[str, np.ndarray]]:
+    """The model at another image size: a learned position embedding is resampled to the new grid
+    (ValueError where the size does not divide into patches)."""
+    new_cfg = cfg.replace(image_size=image_size)
+    params = dict(params)
+    if cfg.posemb == "learned":
+        prefix = cfg.num_prefix_tokens if cfg.posemb_on_cls else 0
+        params["pos_embed"] = resample_posemb(params["pos_embed"], cfg.grid_size, new_cfg.grid_size, prefix)
+    return new_cfg, params

@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-import numpy as np
-
 from vitspec.app.convert_check import CheckFailed, check_conversion
 from vitspec.config import GELUS, POOLS, POSEMBS, ViTConfig
 from vitspec.formats import (
@@ -41,7 +39,7 @@ from vitspec.formats.checkpoint import CheckpointError
 from vitspec.formats.table import FormatError
 from vitspec.formats.timm import timm_construction
 from vitspec.params import ParamTreeError, num_params
-from vitspec.posemb import resample_posemb
+from vitspec.posemb import resample_model
 
 Size = int | tuple[int, int]
 
@@ -77,26 +75,14 @@ def convert(
     cfg, params = source.cfg, source.params
     resampled = image_size is not None and _as_pair(image_size) != cfg.image_size
     if resampled:
-        cfg, params = resample(cfg, params, _as_pair(image_size))
+        try:
+            cfg, params = resample_model(cfg, params, _as_pair(image_size))
+        except ValueError as e:
+            raise FormatError(f"--image-size {image_size}: {e}") from None
     save_any(dst, to_fmt, cfg, params)
     _print_summary(out, src, dst, source, to_fmt, cfg)
     diff = check_conversion(cfg, params, dst, to_fmt, resampled, out) if check else None
     return Conversion(source.fmt, to_fmt, source.cfg, cfg, diff)
-
-
-def resample(
-    cfg: ViTConfig, params: dict[str, np.ndarray], image_size: tuple[int, int]
-) -> tuple[ViTConfig, dict[str, np.ndarray]]:
-    """The model at another image size: a learned position embedding is resampled to the new grid."""
-    try:
-        new_cfg = cfg.replace(image_size=image_size)
-    except ValueError as e:
-        raise FormatError(f"--image-size {image_size}: {e}") from None
-    params = dict(params)
-    if cfg.posemb == "learned":
-        prefix = cfg.num_prefix_tokens if cfg.posemb_on_cls else 0
-        params["pos_embed"] = resample_posemb(params["pos_embed"], cfg.grid_size, new_cfg.grid_size, prefix)
-    return new_cfg, params
 
 
 def _target_format(dst: Path, to_fmt: str | None, out: TextIO) -> str:

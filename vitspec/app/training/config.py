@@ -51,6 +51,14 @@ class TrainConfig:
         True,
         show_default=False,
     )
+    init: Path | None = _field(
+        None,
+        "start from this checkpoint (any format `vitspec convert` reads): fine-tuning; the head is "
+        "re-initialized for another class count and the position embedding resampled for another image size",
+        "model",
+        True,
+        show_default=False,
+    )
     dropout: float | None = _field(
         None, "dropout rate (default: the model's)", "model", True, show_default=False
     )

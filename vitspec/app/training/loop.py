@@ -30,6 +30,7 @@ from vitspec.app import augmentation, datasets, pipeline
 from vitspec.app.training.backend import Backend, create_backend, default_precision, normalization_table
 from vitspec.app.training.config import TrainConfig
 from vitspec.app.training.evaluation import evaluate
+from vitspec.app.training.init import fine_tuning_start
 from vitspec.app.training.progress import ProgressLine
 from vitspec.app.training.reports import describe, plot_reports
 from vitspec.app.training.state import (
@@ -161,7 +162,12 @@ def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
             flush=True,
         )
         return backend, state
-    return run.create_backend(vitspec.init_params(run.cfg, run.config.seed)), RunState.fresh(run.config.seed)
+    if run.config.init is None:
+        params = vitspec.init_params(run.cfg, run.config.seed)
+    else:
+        params, notes = fine_tuning_start(run.cfg, run.config.init)
+        print("\n".join(notes), flush=True)
+    return run.create_backend(params), RunState.fresh(run.config.seed)
 
 
 def train_epoch_steps(

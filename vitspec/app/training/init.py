@@ -1,0 +1,75 @@
+"""Fine-tuning's start: a checkpoint of any format `vitspec convert` reads, fitted to the training model.
+
+The file is read with the training model's values for what a file may not show (heads, GELU
+form, LayerNorm eps, position embedding kind, pooling): a file that does show them and disagrees
+is refused by the reader, naming the value. The rest of its architecture must be the model's too:
+every field that differs is listed and the run refused, as big_vision's `merge_params` refuses
+missing and unexpected keys. Two differences are what fine-tuning is for and are bridged: another
+class count (the head starts at zero, as big_vision's fine-tuning does) and another image size
+(the learned position embedding is resampled, vitspec.posemb). Where the model's GELU form or eps
+differs from the source format's convention, a warning says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vitspec.config import ViTConfig
+from vitspec.formats import EXTERNAL, load_with_notes
+from vitspec.posemb import resample_model
+
+# Fields that fix the computation, compared between the file and the model (image size and class
+# count are bridged; the rates are training randomness; LayerScale's init value is not stored).
+ARCHITECTURE = (
+    "patch_size", "in_channels", "width", "depth", "num_heads", "mlp_dim", "pool", "class_token",
+    "posemb", "posemb_on_cls", "fc_norm", "representation_size", "qkv_bias", "qk_norm", "num_registers",
+    "gelu", "ln_eps",
+)  # fmt: skip
+
+
+def fine_tuning_start(cfg: ViTConfig, path: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(float32 reference params for `cfg`, notes on what was loaded, resampled and re-initialized)."""
+    model_values = dict(
+        heads=cfg.num_heads, gelu=cfg.gelu, ln_eps=cfg.ln_eps, posemb=cfg.posemb, pool=cfg.pool
+    )
+    try:
+        loaded = load_with_notes(path, **model_values)
+    except ValueError as e:
+        raise ValueError(f"--init {path}: {e}") from None
+    source, params = loaded.cfg, loaded.params
+    differ = [
+        f"{field}: file {getattr(source, field)!r}, model {getattr(cfg, field)!r}"
+        for field in ARCHITECTURE
+        if getattr(source, field) != getattr(cfg, field)
+    ]
+    if (source.layer_scale is None) != (cfg.layer_scale is None):
+        differ.append(f"layer_scale: file {source.layer_scale!r}, model {cfg.layer_scale!r}")
+    if differ:
+        raise ValueError(
+            f"--init {path} is not this model ({len(differ)} difference(s)): " + "; ".join(differ)
+        )
+    notes = [f"--init {path} ({loaded.fmt}): {len(params)} tensors loaded"]
+    if loaded.fmt in EXTERNAL:
+        convention = EXTERNAL[loaded.fmt].convention
+        for field in ("gelu", "ln_eps"):
+            if getattr(convention, field) != getattr(cfg, field):
+                notes.append(
+                    f"WARNING: {field} {getattr(cfg, field)!r} as the model has it; {convention.ecosystem}'s "
+                    f"convention is {getattr(convention, field)!r} (--model-overrides to follow it)"
+                )
+    if source.image_size != cfg.image_size:
+        old = source.grid_size
+        source, params = resample_model(source, params, cfg.image_size)
+        notes.append(
+            f"position embedding resampled {old[0]}x{old[1]} -> {source.grid_size[0]}x{source.grid_size[1]} "
+            f"patches ({cfg.image_size[0]}x{cfg.image_size[1]} images)"
+        )
+    if source.num_classes != cfg.num_classes:
+        params = {k: v for k, v in params.items() if not k.startswith("head/")}
+        if cfg.num_classes:
+            params["head/kernel"] = np.zeros((cfg.feature_dim, cfg.num_classes))
+            params["head/bias"] = np.zeros((cfg.num_classes,))
+        notes.append(f"head re-initialized at zero: {source.num_classes} -> {cfg.num_classes} classes")
+    return {k: np.asarray(v, np.float32) for k, v in params.items()}, notes
