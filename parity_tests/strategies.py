@@ -13,6 +13,18 @@ from vitspec.gradcheck import random_images, random_params
 
 __all__ = ["configs", "random_images", "random_params"]
 
+# The small config the unit tests start from (each replaces the fields it is about).
+SMALL_FIELDS = dict(
+    image_size=(4, 6),
+    patch_size=(2, 3),
+    in_channels=3,
+    width=12,
+    depth=1,
+    num_heads=3,
+    mlp_dim=20,
+    num_classes=5,
+)
+
 WIDTH_HEADS = [(w, h) for w in (8, 12, 16, 24) for h in (1, 2, 3, 4, 6) if w % h == 0 and w // h >= 2]
 
 

@@ -49,33 +49,8 @@ def test_convert_stays_a_function_after_its_module_is_imported():
     assert callable(vitspec.convert) and vitspec.convert.__module__ == "vitspec.app.convert"
 
 
-def test_train_command_builds_the_config_and_trains(tmp_path):
-    write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train=40, test=8)
-    cli.main(
-        [
-            "train",
-            "--backend",
-            "flax",
-            "--dataset",
-            "fashion-mnist",
-            "--model",
-            "fmnist-tiny",
-            "--model-overrides",
-            json.dumps(TINY_MODEL),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--validation-size",
-            "8",
-            "--batch-size",
-            "16",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "1",
-            "--workdir",
-            str(tmp_path / "run"),
-        ]
-    )
+def test_train_command_builds_the_config_and_trains(tiny_data, tmp_path):
+    cli.main(train_flags(tiny_data, tmp_path / "run", "--max-steps", "1"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps_done"] == 1
     settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]

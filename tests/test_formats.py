@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vitspec
-from parity_tests.strategies import configs, random_images, random_params
+from parity_tests.strategies import SMALL_FIELDS, configs, random_images, random_params
 from parity_tests.tolerances import assert_close_f64
 from vitspec.config import ViTConfig
 from vitspec.formats import EXTERNAL, FormatError, load_any, save_any
@@ -28,16 +28,7 @@ from vitspec.formats.inference import reading_flags
 from vitspec.params import param_shapes
 
 # Width 12 is no standard ViT width, so torch and HF files need heads=3 as a flag.
-SMALL = dict(
-    image_size=(4, 6),
-    patch_size=(2, 3),
-    in_channels=3,
-    width=12,
-    depth=1,
-    num_heads=3,
-    mlp_dim=20,
-    num_classes=5,
-)
+SMALL = SMALL_FIELDS
 QKV = ("query", "key", "value")
 
 

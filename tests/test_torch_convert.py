@@ -15,20 +15,11 @@ import pytest
 import torch
 
 from backends.torch_vit import ConversionError, VisionTransformer, from_reference, to_reference
-from parity_tests.strategies import random_params
+from parity_tests.strategies import SMALL_FIELDS, random_params
 from vitspec.config import ViTConfig
 from vitspec.params import init_params
 
-SMALL = dict(
-    image_size=(4, 6),
-    patch_size=(2, 3),
-    in_channels=3,
-    width=12,
-    depth=1,
-    num_heads=3,
-    mlp_dim=20,
-    num_classes=5,
-)
+SMALL = SMALL_FIELDS
 
 PATCH_EMBED = {"patch_embed.proj.weight": (12, 3, 2, 3), "patch_embed.proj.bias": (12,)}
 BLOCK_0 = {

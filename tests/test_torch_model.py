@@ -13,19 +13,10 @@ from hypothesis import strategies as st
 import vitspec
 from backends.torch_vit import VisionTransformer, from_checkpoint, from_reference
 from backends.torch_vit.model import Attention, DropPath, Mlp
-from parity_tests.strategies import configs, random_images, random_params
+from parity_tests.strategies import SMALL_FIELDS, configs, random_images, random_params
 from vitspec.config import ViTConfig
 
-SMALL = dict(
-    image_size=(4, 6),
-    patch_size=(2, 3),
-    in_channels=3,
-    width=12,
-    depth=2,
-    num_heads=3,
-    mlp_dim=20,
-    num_classes=5,
-)
+SMALL = SMALL_FIELDS | dict(depth=2)
 RATES = dict(dropout=0.2, attention_dropout=0.3, stochastic_depth=0.4)
 NO_RATES = dict(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)
 # Sample means of a dropout path must land within this many standard errors of the eval value.

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from backends.torch_vit import VisionTransformer, from_reference
-from parity_tests.strategies import random_params
+from parity_tests.strategies import SMALL_FIELDS, random_params
 from vitspec.config import ViTConfig
 from vitspec.formats.timm import timm_kwargs
 
@@ -23,16 +23,7 @@ vision_transformer = pytest.importorskip(
     "timm.models.vision_transformer", reason="timm (with a torchvision matching this torch) is not installed"
 )
 
-SMALL = dict(
-    image_size=(4, 6),
-    patch_size=(2, 3),
-    in_channels=3,
-    width=12,
-    depth=2,
-    num_heads=3,
-    mlp_dim=24,
-    num_classes=5,
-)
+SMALL = SMALL_FIELDS | dict(depth=2, mlp_dim=24)
 VARIANTS = [
     dict(pool="token"),
     dict(pool="gap", class_token=False, fc_norm=True),
