@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import given, seed, settings
 
-from parity_tests.cases import Case, as_float64, cases
+from parity_tests.cases import Case, as_float64, cases, head_propagated_error
 from parity_tests.tolerances import TOLERANCES, tree_rel_errs
 
 SWEEP_SEED = 20261129
@@ -42,6 +42,17 @@ def backend_functions(name: str):
     from parity_tests.test_flax_parity import bfloat16_named_and_grads, flax_named_and_grads
 
     return flax_named_and_grads, bfloat16_named_and_grads
+
+
+def propagated_errors(case: Case) -> dict[str, dict[str, float]]:
+    """The reference-only part of the yardstick: cases.head_propagated_error per dtype."""
+    ref64_named = case.reference(np.float64)[0]
+    float32_own = [r[0] for r in case.float32_roundings()]
+    bf16_own = case.reference(np.float64, round_inputs_to_bfloat16=True)[0]
+    return {
+        "float32/forward": head_propagated_error(case, ref64_named, float32_own),
+        "bfloat16/forward": head_propagated_error(case, ref64_named, [bf16_own]),
+    }
 
 
 def case_errors(case: Case, named_and_grads, bf16_named_and_grads) -> dict[str, dict[str, list[float]]]:
@@ -92,6 +103,7 @@ def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEE
                 "batch": len(case.images),
                 **machine,
                 "errors": case_errors(case, named_and_grads, bf16_named_and_grads),
+                "propagated": propagated_errors(case),
             }
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -99,23 +111,33 @@ def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEE
         one()
 
 
-def worst_ratio(errors: dict[str, list[float]], dtype: str, kind: str, roundings: int) -> tuple[float, str]:
+def worst_ratio(
+    errors: dict[str, list[float]], dtype: str, kind: str, roundings: int, propagated: dict[str, float]
+) -> tuple[float, str]:
     floor = TOLERANCES[dtype][kind]["floor"]
-    ratios = {k: v[0] / max(max(v[1 : 1 + roundings]), floor) for k, v in errors.items()}
+    ratios = {
+        k: v[0] / max(max(v[1 : 1 + roundings]), propagated.get(k, 0.0), floor) for k, v in errors.items()
+    }
     name = max(ratios, key=ratios.get)
     return ratios[name], name
 
 
-def summary(paths: list[Path], roundings: int) -> None:
+def summary(paths: list[Path], roundings: int, with_propagated: bool = True) -> None:
     groups: dict[tuple, list] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             isa = "avx2" if "AVX2" in rec["xla_flags"] or rec["aten"] == "avx2" else "native"
             for dtype, kind in KINDS:
-                ratio, name = worst_ratio(rec["errors"][f"{dtype}/{kind}"], dtype, kind, roundings)
+                propagated = rec.get("propagated", {}).get(f"{dtype}/{kind}", {}) if with_propagated else {}
+                ratio, name = worst_ratio(
+                    rec["errors"][f"{dtype}/{kind}"], dtype, kind, roundings, propagated
+                )
                 groups.setdefault((rec["backend"], isa, dtype, kind), []).append((ratio, name, rec))
-    print(f"per-case worst ratio, the reference's own error the largest of {roundings} rounding(s)")
+    propagated = " and the head's propagated input error" if with_propagated else ""
+    print(
+        f"per-case worst ratio, the reference's own error the largest of {roundings} rounding(s){propagated}"
+    )
     print(
         "| backend | ISA | dtype | kind | cases | median | p99 | p99.9 | max | k | above k | worst tensor |"
     )
@@ -154,11 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("summary", help="the ratio distributions of JSONL files written by run")
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--roundings", type=int, default=4, help="how many of the reference's roundings to use")
+    p.add_argument("--no-propagated", action="store_true", help="without cases.head_propagated_error")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.backend, args.examples, args.out, args.seed)
     else:
-        summary(args.paths, args.roundings)
+        summary(args.paths, args.roundings, not args.no_propagated)
 
 
 if __name__ == "__main__":

@@ -81,28 +81,41 @@ def assert_close_f64(tree, ref, kind: str) -> dict[str, float]:
 
 
 def lowp_ratios(
-    tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype: str
+    tree,
+    ref64,
+    own_roundings: Sequence[Mapping],
+    kind: str,
+    dtype: str,
+    propagated: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """(errors, the reference's own errors, ratios) per entry: the error of `tree` against float64,
-    the largest error of the reference's own roundings at `dtype`, and their ratio with the floor."""
+    the reference's own error at `dtype` (the largest of its roundings, or where larger the error
+    its own error upstream makes through the last layer, `propagated`), and their ratio with the floor."""
     floor = TOLERANCES[dtype][kind]["floor"]
+    propagated = propagated or {}
     errs = tree_rel_errs(tree, ref64, kind)
     owns = [tree_rel_errs(own, ref64, kind) for own in own_roundings]
-    own = {k: max(o[k] for o in owns) for k in errs}
+    own = {k: max([o[k] for o in owns] + [propagated.get(k, 0.0)]) for k in errs}
     return errs, own, {k: errs[k] / max(own[k], floor) for k in errs}
 
 
 def assert_close_lowp(
-    tree, ref64, own_roundings: Sequence[Mapping], kind: str, dtype: str = "float32"
+    tree,
+    ref64,
+    own_roundings: Sequence[Mapping],
+    kind: str,
+    dtype: str = "float32",
+    propagated: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Every entry's error vs float64 within k x the reference's own error at `dtype`.
 
     The reference's own error is the largest over `own_roundings`, each a tree of the reference
-    computed at `dtype` in another equally valid way (parity_tests.relabel). Returns the ratios
-    err(tree) / max(own error, floor), the numbers SPEC.md reports.
+    computed at `dtype` in another equally valid way (parity_tests.relabel), or where larger
+    `propagated` (cases.head_propagated_error). Returns the ratios err(tree) / max(own error,
+    floor), the numbers SPEC.md reports.
     """
     k = TOLERANCES[dtype][kind]["k"]
-    errs, own, ratios = lowp_ratios(tree, ref64, own_roundings, kind, dtype)
+    errs, own, ratios = lowp_ratios(tree, ref64, own_roundings, kind, dtype, propagated)
     bad = {name: (errs[name], own[name]) for name, r in ratios.items() if not r <= k}
     if bad:
         detail = "; ".join(
