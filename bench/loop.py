@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vitspec.app import pipeline
-from vitspec.app.training import cli, loop
+from vitspec.app.training import cli, loop, setup
 from vitspec.app.training.state import RunState
 
 BACKENDS = ("torch", "flax")
@@ -52,8 +52,8 @@ def measure(backend_name: str, args: argparse.Namespace, training_flags: list[st
         *training_flags,
     ] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     config = cli.config_of(cli.build_parser("bench.loop", backend_name).parse_args(flags))
-    run = loop.setup(config, Path("runs/bench/loop"), backend_name)
-    backend, state = loop.start(run, resume=False)
+    run = setup.setup(config, Path("runs/bench/loop"), backend_name)
+    backend, state = setup.start(run, resume=False)
     train_set = run.dataset.train
     stream = pipeline.train_batches(
         train_set.images, train_set.labels, args.batch_size, state.loader, run.augmentation
@@ -89,7 +89,7 @@ def measure(backend_name: str, args: argparse.Namespace, training_flags: list[st
     }
 
 
-def _loop_rate(run: loop.Run, backend, batches, state: RunState, steps: int) -> float:
+def _loop_rate(run: setup.Run, backend, batches, state: RunState, steps: int) -> float:
     """Images/s of `steps` steps of the training loop, by its own clock (state.progress)."""
     seen, seconds = state.progress.seen, state.progress.seconds  # a round ends early at an epoch's end
     loop.train_epoch_steps(run, backend, batches, state, stop_step=state.step + steps)

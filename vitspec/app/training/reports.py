@@ -9,6 +9,11 @@ from typing import Any
 
 import numpy as np
 
+import vitspec
+from vitspec.app.training.evaluation import evaluate
+from vitspec.app.training.setup import Run
+from vitspec.app.training.state import BEST, LAST, RunState, write_json
+
 
 def describe(record: dict[str, Any]) -> str:
     parts = [
@@ -86,3 +91,32 @@ def plot_confusion(plt, path: Path, confusion: np.ndarray, class_names: Sequence
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, Any]:
+    """Test-set evaluation of the best model (the last if none was validated); summary and plots."""
+    best_path = run.workdir / BEST if (run.workdir / BEST).is_file() else run.workdir / LAST
+    _, params = vitspec.load(best_path)
+    tester = run.create_backend(params)
+    test = evaluate(tester.eval_logits, run.dataset.test, run.cfg.num_classes, run.config.eval_batch_size)
+    rates = [r["images_per_second"] for r in state.history if r.get("images_per_second")]
+    summary = {
+        "checkpoint": str(best_path),
+        "dataset": run.config.dataset,
+        "model": run.config.model,
+        "num_params": vitspec.num_params(run.cfg),
+        "precision": run.config.precision,
+        "epochs_done": len(state.history),
+        "steps_done": state.step,
+        "test_top1": test.top1,
+        "test_top5": test.top5,
+        "test_images": len(run.dataset.test),
+        "best_val_accuracy": state.best_accuracy,
+        "train_images_per_second": float(np.median(rates)) if rates else None,
+        "wall_seconds_this_invocation": wall_seconds,
+    }
+    write_json(run.workdir / "summary.json", summary)
+    plot_reports(run.workdir, state.history, test.confusion, run.dataset.class_names)
+    top5 = f", top-5 {100 * test.top5:.2f}%" if test.top5 is not None else ""
+    print(f"test top-1 {100 * test.top1:.2f}%{top5} ({best_path.name}, {len(run.dataset.test)} images)")
+    return summary

@@ -141,3 +141,29 @@ def write_metrics(workdir: Path, history: list[dict]) -> None:
     """metrics.jsonl from the history (rewritten whole, so a resumed run's file has no duplicates)."""
     text = "".join(json.dumps(record) + "\n" for record in history)
     atomic_write(workdir / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+
+RUN_FILES = (
+    "config.json",
+    LAST,
+    LAST_STATE_NPZ,
+    LAST_STATE_JSON,
+    BEST,
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "confusion.png",
+)
+
+
+def claim_workdir(workdir: Path, overwrite: bool) -> None:
+    """A fresh run's workdir: refused if a run is already there, unless `overwrite` (which removes it)."""
+    existing = [name for name in RUN_FILES if (workdir / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{workdir} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
+            "--overwrite to replace it, or another --workdir"
+        )
+    for name in existing:
+        (workdir / name).unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
