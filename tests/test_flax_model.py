@@ -214,3 +214,27 @@ def test_init_is_the_reference_init():
     jitted = to_reference(jax.jit(VisionTransformer(cfg).init)(jax.random.key(7), images), cfg)
     for name, value in reference.items():
         np.testing.assert_array_equal(jitted[name], value.astype(np.float32), err_msg=name)
+
+
+@pytest.mark.parametrize("pool", ["gap", "map"])
+def test_a_single_key_attention_runs_in_bfloat16(pool):
+    # Found by the error sweep: jax.nn.dot_product_attention over one key fails to compile in
+    # bfloat16 on the CPU; the module takes the explicit path there.
+    cfg = vitspec.ViTConfig(
+        image_size=1,
+        patch_size=1,
+        in_channels=1,
+        width=8,
+        depth=1,
+        num_heads=1,
+        mlp_dim=4,
+        num_classes=2,
+        pool=pool,
+        class_token=False,
+    )
+    params = random_params(cfg, 0, np.float32)
+    images = random_images(cfg, 1, 1, np.float32)
+    logits = jax.jit(VisionTransformer(cfg, dtype=jnp.bfloat16).apply)(from_reference(params, cfg), images)
+    np.testing.assert_allclose(
+        np.asarray(logits, np.float32), vitspec.forward(cfg, params, images), atol=0.05
+    )

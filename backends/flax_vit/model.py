@@ -128,8 +128,11 @@ class MultiHeadDotProductAttention(nn.Module):
             q = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="query_ln")(q)
             k = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="key_ln")(k)
         needs_probs = return_probs or (self.dropout > 0.0 and not deterministic)
+        # One key: jax 0.10's dot_product_attention in bfloat16 on the CPU does not compile ("Algorithm
+        # not supported by the ElementalIrEmitter: ALG_DOT_BF16_BF16_F32"), and its softmax is 1 anyway.
+        one_key = k.shape[1] == 1
         if (
-            needs_probs or q.dtype == jnp.float64 or not fused_attention_pays(not deterministic)
+            needs_probs or q.dtype == jnp.float64 or one_key or not fused_attention_pays(not deterministic)
         ):  # see the docstring
             probs = attention_probabilities(q, k)
             mixed = jnp.einsum("nhqk,nkhd->nqhd", nn.Dropout(self.dropout)(probs, deterministic), v)
