@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from parity_tests.strategies import random_params
 from vitspec.app import datasets, evaluate
 from vitspec.app.training import TrainConfig, normalization_table, train_and_evaluate
 from vitspec.app.training.backend import BACKEND_CLASSES, backend_module
-from vitspec.app.training.state import BEST, LAST, LAST_STATE_JSON, LAST_STATE_NPZ
+from vitspec.app.training.state import BEST, LAST, LAST_STATE_JSON, generation_files, read_manifest
 from vitspec.recipe import Recipe
 
 BACKENDS = ("flax", "torch")
@@ -96,8 +97,10 @@ def test_one_step_smoke(backend, data_dir, tmp_path):
     summary = train_and_evaluate(config(data_dir, max_steps=1), tmp_path, backend)
     assert summary["steps_done"] == 1 and summary["epochs_done"] == 0
     assert summary["checkpoint"].endswith(LAST)  # nothing validated yet: the test uses last
-    for name in ("config.json", LAST, LAST_STATE_NPZ, LAST_STATE_JSON, "summary.json"):
+    for name in ("config.json", LAST, LAST_STATE_JSON, "summary.json"):
         assert (tmp_path / name).is_file(), name
+    model, optimizer = generation_files(tmp_path, read_manifest(tmp_path))
+    assert optimizer.is_file() and os.path.samefile(model, tmp_path / LAST)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -180,7 +183,9 @@ def assert_same_run(workdir: Path, straight: Path) -> None:
     """last, best, the optimizer state and the metric history of `workdir` equal the straight run's."""
     for name in (LAST, BEST):
         assert_same_params(params_of(workdir / name), params_of(straight / name))
-    with np.load(workdir / LAST_STATE_NPZ) as resumed, np.load(straight / LAST_STATE_NPZ) as full:
+    resumed_optimizer = generation_files(workdir, read_manifest(workdir))[1]
+    straight_optimizer = generation_files(straight, read_manifest(straight))[1]
+    with np.load(resumed_optimizer) as resumed, np.load(straight_optimizer) as full:
         assert sorted(resumed.files) == sorted(full.files)
         for key in full.files:
             np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
@@ -200,9 +205,9 @@ def test_resume_refuses_other_flags_and_damaged_checkpoints(data_dir, tmp_path):
     with pytest.raises(ValueError, match="--lr: saved 0.001, now 0.002"):
         train_and_evaluate(config(data_dir, lr=2e-3), tmp_path, "torch", resume=True)
     assert (tmp_path / "config.json").read_text() == written  # a refused resume rewrites nothing
-    with open(tmp_path / LAST_STATE_NPZ, "ab") as f:
+    with open(generation_files(tmp_path, read_manifest(tmp_path))[1], "ab") as f:
         f.write(b"x")
-    with pytest.raises(ValueError, match="last.state.npz is missing or not the file"):
+    with pytest.raises(ValueError, match="optimizer.npz is missing or not the file"):
         train_and_evaluate(config(data_dir), tmp_path, "torch", resume=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_and_evaluate(config(data_dir), tmp_path / "empty", "torch", resume=True)

@@ -13,6 +13,7 @@ import vitspec
 from vitspec.app.training.evaluation import evaluate
 from vitspec.app.training.setup import Run
 from vitspec.app.training.state import BEST, LAST, RunState, write_json
+from vitspec.formats.checkpoint import atomic_write
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -26,6 +27,11 @@ def describe(record: dict[str, Any]) -> str:
     if record.get("best"):
         parts.append("(best)")
     return " | ".join(parts)
+
+
+def save_figure(figure, path: Path) -> None:
+    """As a checkpoint is written (temp file, rename): a kill never leaves half a PNG."""
+    atomic_write(path, lambda f: figure.savefig(f, dpi=120, format="png"))
 
 
 def plot_reports(
@@ -65,7 +71,7 @@ def plot_curves(plt, path: Path, history: Sequence[dict]) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
 
 
@@ -89,7 +95,7 @@ def plot_confusion(plt, path: Path, confusion: np.ndarray, class_names: Sequence
             )
     axes.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
 
 

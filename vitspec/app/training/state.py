@@ -1,15 +1,22 @@
 """A run's state and its files in the workdir: the `last` checkpoint that `--resume` trusts.
 
-last.safetensors      the model after the latest epoch (or the --max-steps stop), reference format
-last.state.npz        AdamW moments (reference names) beside it
-last.state.json       step, LoaderState, history, best so far, the trajectory settings; the
-                      CRC-32 of the two files above, so a kill between writes is caught
+checkpoints/<n>/model.safetensors   generation n of the model, reference format
+checkpoints/<n>/optimizer.npz       its AdamW moments (reference names)
+last.state.json                     the manifest: which generation is the run's, the CRC-32 of its two
+                                    files, step, LoaderState, history, best so far, trajectory settings
+last.safetensors                    a hard link to the current generation's model, for users
+
+A checkpoint is one atomic step: a new generation is written beside the old one and becomes the
+run's when last.state.json is renamed over its predecessor; the old generation is removed only
+after that. A kill at any instant leaves a manifest naming a complete generation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +32,10 @@ LAST, BEST = "last.safetensors", "best.safetensors"
 # The run's data, as sizes and a checksum, beside the trajectory settings: a resume on other data
 # (another --data-dir) is another run.
 DATA_KEY, DATA_KEY_LABEL = "data", "the training data (--data-dir)"
-LAST_STATE_NPZ, LAST_STATE_JSON = "last.state.npz", "last.state.json"
+LAST_STATE_JSON = "last.state.json"
+CHECKPOINTS, MODEL, OPTIMIZER = "checkpoints", "model.safetensors", "optimizer.npz"
+# The layout before generations (model and optimizer state beside the manifest), still resumable.
+LEGACY_OPTIMIZER = "last.state.npz"
 
 
 @dataclasses.dataclass
@@ -83,22 +93,75 @@ def save_last(
     state: RunState,
     trajectory: dict[str, Any],
 ) -> None:
-    """last.safetensors and last.state.npz, then last.state.json naming both by CRC (written last:
-    it is what --resume trusts)."""
-    save(workdir / LAST, cfg, params)
-    save_npz(workdir / LAST_STATE_NPZ, optimizer)
+    """Write the next generation, then publish it by renaming last.state.json over the old one."""
+    previous = read_manifest(workdir)
+    generation = (previous.get("generation", 0) if previous else 0) + 1
+    directory = workdir / CHECKPOINTS / f"{generation:06d}"
+    if directory.exists():  # an earlier attempt at this generation, killed before it was published
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    save(directory / MODEL, cfg, params)
+    save_npz(directory / OPTIMIZER, optimizer)
+    fsync_directory(directory)
     write_json(
         workdir / LAST_STATE_JSON,
         {
+            "generation": generation,
+            "directory": directory.relative_to(workdir).as_posix(),
             "step": state.step,
             "loader": state.loader.to_dict(),
             "history": state.history,
             "best_accuracy": state.best_accuracy,
             "progress": dataclasses.asdict(state.progress),
             "flags": trajectory,
-            "crc32": {LAST: file_crc32(workdir / LAST), LAST_STATE_NPZ: file_crc32(workdir / LAST_STATE_NPZ)},
+            "crc32": {MODEL: file_crc32(directory / MODEL), OPTIMIZER: file_crc32(directory / OPTIMIZER)},
         },
     )
+    fsync_directory(workdir)
+    tidy_last(workdir, directory)
+
+
+def read_manifest(workdir: Path) -> dict[str, Any] | None:
+    path = workdir / LAST_STATE_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def generation_files(workdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, Path]:
+    """(model, optimizer state) of the generation the manifest names."""
+    if "directory" in manifest:
+        directory = workdir / manifest["directory"]
+        return directory / MODEL, directory / OPTIMIZER
+    return workdir / LAST, workdir / LEGACY_OPTIMIZER
+
+
+def tidy_last(workdir: Path, directory: Path) -> None:
+    """Point last.safetensors at the published generation and remove every other one: the steps after
+    the publishing rename, redone on resume when a kill came first."""
+    model, last = directory / MODEL, workdir / LAST
+    if not (last.is_file() and os.path.samefile(model, last)):
+        link = workdir / f".{LAST}.link.tmp"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(model, link)
+        except OSError:  # a file system without hard links: a copy
+            shutil.copyfile(model, link)
+        os.replace(link, last)
+    for other in (workdir / CHECKPOINTS).iterdir():
+        if other == directory:
+            continue
+        if other.is_dir():
+            shutil.rmtree(other)
+        else:
+            other.unlink()
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the renames and new entries in `path` durable (a rename is atomic, not yet on disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_last(
@@ -107,14 +170,19 @@ def load_last(
     """(reference params, optimizer state, run state) of workdir's last checkpoint, checked whole and
     against the trajectory settings it was written under."""
     state_path = workdir / LAST_STATE_JSON
-    if not state_path.is_file():
-        raise FileNotFoundError(f"--resume: {state_path} does not exist (nothing to resume in {workdir})")
-    saved = json.loads(state_path.read_text())
-    for name, crc in saved["crc32"].items():
-        if not (workdir / name).is_file() or file_crc32(workdir / name) != crc:
+    saved = read_manifest(workdir)
+    if saved is None:
+        started = " (the run there stopped before its first checkpoint)" if workdir.is_dir() else ""
+        raise FileNotFoundError(
+            f"--resume: {state_path} does not exist: nothing to resume in {workdir}{started}; "
+            "start the run without --resume (with --overwrite where a run was begun)"
+        )
+    model, optimizer_file = generation_files(workdir, saved)
+    for path in (model, optimizer_file):
+        if not path.is_file() or file_crc32(path) != saved["crc32"][path.name]:
             raise ValueError(
-                f"--resume: {workdir / name} is missing or not the file {state_path} was "
-                "written with (interrupted while checkpointing?)"
+                f"--resume: {path} is missing or not the file {state_path} was written with "
+                "(damaged or edited after the checkpoint was written)"
             )
     now = json.loads(json.dumps(trajectory, default=str))  # as saved: JSON types
     changed = {k: (saved["flags"].get(k), v) for k, v in now.items() if saved["flags"].get(k) != v}
@@ -124,8 +192,8 @@ def load_last(
             for k, (old, new) in changed.items()
         )
         raise ValueError(f"--resume: {workdir} was trained with other flags ({described})")
-    _, params = load(workdir / LAST)
-    with np.load(workdir / LAST_STATE_NPZ) as npz:
+    _, params = load(model)
+    with np.load(optimizer_file) as npz:
         optimizer = {k: npz[k] for k in npz.files}
     state = RunState(
         step=saved["step"],
@@ -134,6 +202,8 @@ def load_last(
         best_accuracy=saved["best_accuracy"],
         progress=EpochProgress(**saved["progress"]),
     )
+    if "directory" in saved:
+        tidy_last(workdir, model.parent)
     return params, optimizer, state
 
 
@@ -146,8 +216,9 @@ def write_metrics(workdir: Path, history: list[dict]) -> None:
 RUN_FILES = (
     "config.json",
     LAST,
-    LAST_STATE_NPZ,
     LAST_STATE_JSON,
+    CHECKPOINTS,
+    LEGACY_OPTIMIZER,
     BEST,
     "metrics.jsonl",
     "summary.json",
@@ -157,13 +228,20 @@ RUN_FILES = (
 
 
 def claim_workdir(workdir: Path, overwrite: bool) -> None:
-    """A fresh run's workdir: refused if a run is already there, unless `overwrite` (which removes it)."""
+    """A fresh run's workdir: refused if a run is already there, unless `overwrite` (which removes it).
+
+    A run killed before its first checkpoint was published (config.json, a checkpoints/ directory and
+    no manifest) holds nothing to lose, so it is not refused."""
     existing = [name for name in RUN_FILES if (workdir / name).exists()]
-    if existing and not overwrite:
+    if set(existing) - {"config.json", CHECKPOINTS} and not overwrite:
         raise ValueError(
             f"{workdir} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
             "--overwrite to replace it, or another --workdir"
         )
     for name in existing:
-        (workdir / name).unlink()
+        path = workdir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
