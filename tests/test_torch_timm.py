@@ -55,3 +55,24 @@ def test_state_dict_loads_strictly_into_timm_and_computes_the_same(overrides):
     images = torch.randn(2, cfg.in_channels, *cfg.image_size, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), theirs(images), rtol=1e-12, atol=1e-12)
+
+
+def test_create_model_with_the_printed_keywords_builds_the_same_model():
+    """The README's recipe: a timm variant name, then the keywords `vitspec convert --to torch` prints
+    (they override the variant's)."""
+    timm = pytest.importorskip("timm")
+    cfg = ViTConfig(**SMALL, pool="token")
+    state_dict = from_reference(random_params(cfg, 0), cfg)
+    theirs = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        **timm_kwargs(cfg),
+        norm_layer=partial(torch.nn.LayerNorm, eps=cfg.ln_eps),
+        act_layer=partial(torch.nn.GELU, approximate="none"),
+    )
+    theirs.double().eval().load_state_dict(state_dict, strict=True)
+    ours = VisionTransformer(cfg).double().eval()
+    ours.load_state_dict(state_dict)
+    images = torch.randn(2, cfg.in_channels, *cfg.image_size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(images), rtol=1e-12, atol=1e-12)

@@ -1,1 +1,1 @@
-"""Peer ViTs written the way other codebases write them, for the benchmark only."""
+"""Peer ViTs written the way other codebases write them, for the benchmark and the export tests."""

@@ -5,10 +5,13 @@
 
 Formats: ref (vitspec's own .safetensors/.npz), torch (timm), flax (big_vision), vit_jax
 (google-research/vision_transformer), hf (transformers ViT). The source format is detected from
-the file's keys; the config from its names and shapes. What a file cannot show (heads in torch
-layouts, the GELU form, LayerNorm epsilon, a posemb that is no parameter, a non-square grid) comes
-from flags or the source ecosystem's convention, and is printed. The target file is written
-atomically and never over an existing file without --overwrite.
+the file's keys (a directory is a transformers one, whose config.json settles what it states); the
+config from its names and shapes. What a file cannot show (heads in torch layouts, the GELU form,
+LayerNorm epsilon, a posemb that is no parameter, a non-square grid) comes from flags or the source
+ecosystem's convention; a part whose parameters are absent (a head, q/k/v biases) is read as
+absent. Each such value is printed with the flag that settles it, and --strict refuses to convert
+while any is unsettled. The target file is written atomically and never over an existing file
+without --overwrite.
 
 --check runs the reference on the source tree and the target's own backend on the written file
 (torch: backends.torch_vit, flax: backends.flax_vit, else the reference) on one random batch and
@@ -36,6 +39,8 @@ from vitspec.formats import (
     timm,
 )
 from vitspec.formats.checkpoint import CheckpointError
+from vitspec.formats.flags import FLAGS, SHOWN_BY_NAMES
+from vitspec.formats.strict import unsettled
 from vitspec.formats.table import FormatError
 from vitspec.formats.timm import timm_construction
 from vitspec.params import ParamTreeError, num_params
@@ -62,16 +67,18 @@ def convert(
     source_image_size: Size | None = None,
     check: bool = False,
     overwrite: bool = False,
+    strict: bool = False,
     out: TextIO | None = None,
     **flags: Any,
 ) -> Conversion:
-    """Convert `src` to `dst`; `flags` (heads, gelu, ln_eps, posemb, pool) as the CLI's. Prints a summary."""
+    """Convert `src` to `dst`; `flags` (vitspec.formats.flags.READING_FLAGS) and `strict` as the CLI's.
+    Prints a summary."""
     out = out or sys.stdout
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FormatError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
     to_fmt = _target_format(dst, to_fmt, out)
-    source = load_with_notes(src, from_fmt, image_size=source_image_size, **flags)
+    source = load_with_notes(src, from_fmt, strict=strict, image_size=source_image_size, **flags)
     cfg, params = source.cfg, source.params
     resampled = image_size is not None and _as_pair(image_size) != cfg.image_size
     if resampled:
@@ -103,6 +110,13 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
     print(f"config: {cfg}", file=out)
     for note in source.notes:
         print(f"  {note}", file=out)
+    inferred = unsettled(source.notes)
+    if inferred:
+        print(
+            f"  {len(inferred)} value(s) above are inferred; --strict refuses them unless settled: "
+            + " ".join(inferred),
+            file=out,
+        )
     print(f"parameters: {num_params(cfg):,}", file=out)
     if cfg.image_size != source.cfg.image_size:
         old, new = source.cfg.grid_size, cfg.grid_size
@@ -115,18 +129,17 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
             what = f"no learned position embedding to resample ({cfg.posemb})"
         print(f"image size {source.cfg.image_size} -> {cfg.image_size}: {what}", file=out)
     if to_fmt != REFERENCE:
-        _print_unstored(out, to_fmt, cfg)
+        _print_unstored(out, to_fmt, cfg, dst.is_dir())
     if to_fmt == timm.NAME:
         print(f"timm loads it (load_state_dict(strict=True)) into: {timm_construction(cfg)}", file=out)
 
 
-def _print_unstored(out: TextIO, fmt: str, cfg: ViTConfig) -> None:
+def _print_unstored(out: TextIO, fmt: str, cfg: ViTConfig, directory: bool) -> None:
     """Which flags a reader of the written file needs to get `cfg` back, i.e. what the file cannot show."""
-    needed = flags_needed_to_read_back(fmt, cfg)
+    needed = flags_needed_to_read_back(fmt, cfg, directory)
     if needed:
         print(
-            f"WARNING: a {fmt} file does not show all of this config; read it back with "
-            + " ".join(f"{flag} {value}" for flag, value in needed.items()),
+            f"WARNING: a {fmt} file does not show all of this config; read it back with " + " ".join(needed),
             file=out,
         )
 
@@ -174,6 +187,25 @@ def build_parser(prog: str = "vitspec convert") -> argparse.ArgumentParser:
     parser.add_argument("--ln-eps", type=float, metavar="X")
     parser.add_argument("--posemb", choices=POSEMBS)
     parser.add_argument("--pool", choices=POOLS)
+    shown = parser.add_argument_group(
+        "parts a file shows by their parameters",
+        "Missing parameters read as a missing part, with a note; these flags confirm that (--strict\n"
+        "wants them), and one that the parameters contradict is refused.",
+    )
+    for keyword in SHOWN_BY_NAMES:
+        flag = FLAGS[keyword]
+        what = f"without its parameters: {flag.absent}"
+        if flag.switch:
+            shown.add_argument(flag.cli, dest=keyword, action=argparse.BooleanOptionalAction, help=what)
+        else:
+            what += " (0)" if keyword == "representation_size" else f" ({flag.field} 0)"
+            shown.add_argument(flag.cli, dest=keyword, type=int, metavar="N", help=what)
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to convert if any value is inferred rather than read from the file, its format, "
+        "its stored config or a flag (the error lists the flags that settle them)",
+    )
     parser.add_argument("--check", action="store_true", help="compare logits of source and written file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return parser
@@ -191,11 +223,13 @@ def main(argv: list[str] | None = None, prog: str = "vitspec convert") -> int:
             source_image_size=args.source_image_size,
             check=args.check,
             overwrite=args.overwrite,
+            strict=args.strict,
             heads=args.heads,
             gelu=args.gelu,
             ln_eps=args.ln_eps,
             posemb=args.posemb,
             pool=args.pool,
+            **{keyword: getattr(args, keyword) for keyword in SHOWN_BY_NAMES},
         )
     except CheckFailed as e:  # the file is written and wrong: a failure, not a user error
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,18 @@ from vitspec.formats import big_vision, hf, timm, vit_jax
 from vitspec.formats.base import Format
 from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, atomic_write, load, nonfinite_names, save
 from vitspec.formats.files import TORCH_SUFFIXES, read_tensors, write_tensors
-from vitspec.formats.inference import CONFIG_FIELDS, READING_FLAGS, check_flags, reading_flags
+from vitspec.formats.flags import (
+    FLAGS,
+    READING_FLAGS,
+    Note,
+    check_flags,
+    config_flag,
+    flag_form,
+    flag_text,
+    given_values,
+)
+from vitspec.formats.inference import reading_flags
+from vitspec.formats.strict import StrictError, refuse_unsettled
 from vitspec.formats.table import FormatError
 from vitspec.params import validate_params
 
@@ -35,6 +46,8 @@ __all__ = [
     "FORMATS",
     "FormatError",
     "Loaded",
+    "Note",
+    "StrictError",
     "detect_format",
     "load_any",
     "load_with_notes",
@@ -47,7 +60,7 @@ class Loaded(NamedTuple):
     fmt: str
     cfg: ViTConfig
     params: dict[str, np.ndarray]
-    notes: list[str]
+    notes: list[Note]  # each prints as its text
 
 
 def resolve_format(name: str) -> str:
@@ -78,17 +91,36 @@ def detect_format(path: str | Path, arrays: dict[str, np.ndarray], metadata: dic
     )
 
 
-def load_with_notes(path: str | Path, fmt: str | None = None, **flags: Any) -> Loaded:
-    """Read any supported checkpoint into (format, config, reference params, notes on the config)."""
+def load_with_notes(
+    path: str | Path, fmt: str | None = None, *, strict: bool = False, **flags: Any
+) -> Loaded:
+    """Read any supported checkpoint into (format, config, reference params, notes on the config).
+
+    `path` is a file, or a transformers directory (config.json beside model.safetensors), whose
+    config.json settles what it states. `strict`: refuse (StrictError) if any value is inferred
+    rather than read from the file, its format, its stored config or a flag."""
     check_flags(flags)
-    arrays, metadata = read_tensors(path)
-    fmt = resolve_format(fmt) if fmt else detect_format(path, arrays, metadata)
+    path = Path(path)
+    if path.is_dir():
+        arrays, stated = hf.read_directory(path)
+        fmt = resolve_format(fmt) if fmt else hf.NAME
+        if fmt not in (hf.NAME, hf.NAME_4X):
+            raise FormatError(f"{path}: a directory is read as a transformers ViT (hf), not {fmt}")
+    else:
+        arrays, metadata = read_tensors(path)
+        fmt = resolve_format(fmt) if fmt else detect_format(path, arrays, metadata)
+        stated = {}
     if fmt == REFERENCE:
         cfg, params = load(path)
         _check_flags_agree(cfg, flags, path)
-        return Loaded(fmt, cfg, params, [f"config: stored in {Path(path).name}"])
+        return Loaded(fmt, cfg, params, [Note("config", "config", f"stored in {path.name}")])
     layout = EXTERNAL[fmt]
-    cfg, notes = layout.infer_config_with_notes(arrays, **flags)
+    cfg, notes = layout.read_config(arrays, given_values(flags, _as_flags(stated), hf.CONFIG_FILE))
+    wrong = [f"{field} {value!r}" for field, value in stated.items() if getattr(cfg, field) != value]
+    if wrong:
+        raise FormatError(f"{path}: {hf.CONFIG_FILE} gives {', '.join(wrong)}, which the weights are not")
+    if strict:
+        refuse_unsettled(str(path), notes)
     params = layout.to_reference(arrays, cfg)
     validate_params(cfg, params, source=str(path))  # names and shapes match by now; this refuses non-floats
     bad = nonfinite_names(params)
@@ -98,14 +130,16 @@ def load_with_notes(path: str | Path, fmt: str | None = None, **flags: Any) -> L
 
 
 def load_any(
-    path: str | Path, fmt: str | None = None, **flags: Any
+    path: str | Path, fmt: str | None = None, *, strict: bool = False, **flags: Any
 ) -> tuple[ViTConfig, dict[str, np.ndarray]]:
     """(config, reference params) of a checkpoint in any supported format.
 
-    `fmt` is detected from the file when None. `flags` (heads, gelu, ln_eps, posemb, pool,
-    image_size) supply what a foreign file does not store; see `vitspec.convert`.
+    `fmt` is detected from the file when None. `flags` (vitspec.formats.flags.READING_FLAGS: heads,
+    gelu, ln_eps, posemb, pool, image_size, and num_classes, qkv_bias, ... confirming what absent
+    parameters mean) supply what a foreign file does not store; `strict` refuses a reading that
+    needed more; see `vitspec.convert`.
     """
-    loaded = load_with_notes(path, fmt, **flags)
+    loaded = load_with_notes(path, fmt, strict=strict, **flags)
     return loaded.cfg, loaded.params
 
 
@@ -146,36 +180,39 @@ def format_of_suffix(path: str | Path) -> str | None:
 
 
 def _check_flags_agree(cfg: ViTConfig, flags: dict[str, Any], path) -> None:
-    disagree = []
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        stored = getattr(cfg, CONFIG_FIELDS[flag])
-        wanted = (value, value) if flag == "image_size" and isinstance(value, int) else value
-        if (tuple(wanted) if flag == "image_size" else wanted) != stored:
-            disagree.append(f"{flag}={value!r} but the stored config has {CONFIG_FIELDS[flag]}={stored!r}")
+    disagree = [
+        f"{flag}={value!r} but the stored config has {FLAGS[flag].field}={getattr(cfg, FLAGS[flag].field)!r}"
+        for flag, value in flags.items()
+        if value is not None and flag_form(flag, value) != config_flag(cfg, flag)
+    ]
     if disagree:
         raise FormatError(f"inconsistent flags for {path}: " + "; ".join(disagree))
 
 
-def flags_needed_to_read_back(fmt: str, cfg: ViTConfig) -> dict[str, str]:
-    """{CLI flag: value} without which reading a `fmt` file of `cfg` would give another config.
+def _as_flags(stated: dict[str, Any]) -> dict[str, Any]:
+    """The values of a stored config's fields that are flags, by keyword."""
+    return {flag.keyword: stated[flag.field] for flag in READING_FLAGS if flag.field in stated}
+
+
+def flags_needed_to_read_back(fmt: str, cfg: ViTConfig, directory: bool = False) -> list[str]:
+    """The command-line flags without which reading a `fmt` file of `cfg` would give another config.
 
     Each flag is dropped in turn from the full set: if inference then fails or disagrees with
     `cfg`, the file cannot show that field. Only names and shapes matter, so the arrays are
-    zero-memory stand-ins.
+    zero-memory stand-ins. `directory`: an hf directory, whose config.json settles what it states.
     """
     layout = EXTERNAL[fmt]
     shapes = {r.native: np.broadcast_to(np.float32(0), r.native_shape) for r in layout.table(cfg)}
+    stored = _as_flags(hf.stated_fields(hf.transformers_config(cfg), hf.CONFIG_FILE)) if directory else {}
     full = reading_flags(cfg)
-    needed = {}
+    needed = []
     for flag in READING_FLAGS:
+        flags = {k: v for k, v in full.items() if k != flag.keyword}
         try:
-            inferred = layout.infer_config(shapes, **{k: v for k, v in full.items() if k != flag.keyword})
-            same = getattr(inferred, flag.field) == getattr(cfg, flag.field)
+            inferred, _ = layout.read_config(shapes, given_values(flags, stored, hf.CONFIG_FILE))
+            same = config_flag(inferred, flag.keyword) == full[flag.keyword]
         except FormatError:
             same = False
         if not same:
-            value = full[flag.keyword]
-            needed[flag.cli] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            needed.append(flag_text(flag.keyword, full[flag.keyword]))
     return needed

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
 
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.inference import Convention, Facts, check_flags, config_from_facts
+from vitspec.formats.flags import Note, Told
+from vitspec.formats.inference import Convention, Facts, config_from_facts
+from vitspec.formats.strict import absence_notes, settled_by_format
 from vitspec.formats.table import FormatError, Rule, native_from_reference, reference_from_native, refuse
 
 
@@ -37,14 +38,19 @@ class Format:
     def from_reference(self, params: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
         return native_from_reference(self.table(cfg), params, cfg)
 
-    def infer_config(self, native: Mapping[str, np.ndarray], **flags: Any) -> ViTConfig:
-        return self.infer_config_with_notes(native, **flags)[0]
-
-    def infer_config_with_notes(
-        self, native: Mapping[str, np.ndarray], **flags: Any
-    ) -> tuple[ViTConfig, list[str]]:
-        check_flags(flags)
-        return config_from_facts(self.read_facts(native), self.convention, flags)
+    def read_config(self, native: Mapping[str, np.ndarray], given: Told) -> tuple[ViTConfig, list[Note]]:
+        """The config and the notes on it, from the names and shapes and what the reader was `given`
+        (vitspec.formats.flags.given_values)."""
+        cfg, notes = config_from_facts(self.read_facts(native), self.convention, given)
+        reasons = self.cannot_express(cfg)
+        if reasons:  # the format's models always have what this file lacks (HF: a class token)
+            raise FormatError(
+                f"the checkpoint reads as a config the {self.name} layout cannot express "
+                f"({'; '.join(reasons)}): a part its models always have is missing, or it is not a "
+                f"{self.name} checkpoint (--from)"
+            )
+        notes += absence_notes(self, cfg, native.keys(), given)
+        return cfg, [settled_by_format(self, cfg, note) for note in notes]
 
 
 def require(native: Mapping[str, np.ndarray], key: str, fmt: str) -> np.ndarray:

@@ -7,6 +7,7 @@ NumPy-only except where a suffix needs its framework: torch for .pt/.pth/.bin (l
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -26,6 +27,12 @@ SUFFIXES = (".safetensors", ".npz", ".msgpack") + TORCH_SUFFIXES
 # "params", and old vision_transformer files under "opt/target".
 _STATE_DICT_WRAPPERS = ("state_dict", "model")
 _TREE_PREFIXES = ("params/", "opt/target/")
+# What torch.load(weights_only=True) refused, from its error: "WeightsUnpickler error: Unsupported
+# global: GLOBAL __main__.Net was not an allowed global by default. Please use ..." (torch 2.4 on;
+# before: "Unsupported class __main__.Net"), or "... error: \n\nUnsupported operand 110" for no pickle.
+_WEIGHTS_ONLY_REFUSAL = re.compile(
+    r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\. Please|$)", re.M
+)
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -76,10 +83,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); truncated or foreign?"
-        ) from None
+        raise _torch_refusal(path, e) from None
     for wrapper in _STATE_DICT_WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -93,6 +97,29 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             f"(wrappers understood: {list(_STATE_DICT_WRAPPERS)})"
         )
     return {k: tensor_to_numpy(v) for k, v in obj.items()}
+
+
+def _torch_refusal(path: Path, error: Exception) -> CheckpointError:
+    """What torch.load refused, in our words: its own message advises retrying with weights_only=False
+    (even for a file that is no pickle), which vitspec never does."""
+    message = str(error)
+    unpickler = _WEIGHTS_ONLY_REFUSAL.search(message)
+    if unpickler and unpickler.group(1).startswith(("Unsupported global", "Unsupported class")):
+        return CheckpointError(
+            f"{path}: holds Python objects beyond tensors, which torch's safe loader refuses "
+            f"({unpickler.group(1)}). vitspec never unpickles arbitrary objects, because loading a "
+            "pickle can run any code. Where you trust the file, save its tensors alone "
+            "(torch.save(model.state_dict(), path)) or convert them to .safetensors, and read that"
+        )
+    if unpickler:
+        reason = f"torch's safe loader: {unpickler.group(1)}"
+    elif "weights_only" in message:
+        reason = "torch's safe loader refused it"
+    else:
+        reason = message.splitlines()[0] if message else ""
+    return CheckpointError(
+        f"{path}: not a readable torch checkpoint ({type(error).__name__}: {reason}); truncated or foreign?"
+    )
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:

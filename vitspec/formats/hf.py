@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vitspec.config import ViTConfig
 from vitspec.formats.base import Format, count_blocks, optional_dim, require
+from vitspec.formats.files import read_tensors
 from vitspec.formats.inference import Convention, Facts
-from vitspec.formats.table import Layout, Rule, rule, token_rule
+from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
 
 NAME = "hf"
 NAME_4X = "hf4"
@@ -140,25 +144,43 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
     return [reason for ok, reason in checks if not ok]
 
 
+# config.json's keys for the ViTConfig fields it states: `transformers_config` writes them, and a
+# transformers directory is read with them as settled (the GELU form spelled as in HIDDEN_ACT).
+CONFIG_JSON_FIELDS = (
+    ("hidden_size", "width"),
+    ("num_hidden_layers", "depth"),
+    ("num_attention_heads", "num_heads"),
+    ("intermediate_size", "mlp_dim"),
+    ("hidden_act", "gelu"),
+    ("layer_norm_eps", "ln_eps"),
+    ("image_size", "image_size"),
+    ("patch_size", "patch_size"),
+    ("num_channels", "in_channels"),
+    ("qkv_bias", "qkv_bias"),
+)
+HIDDEN_ACT = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}
+CLASSIFIER, BARE = "ViTForImageClassification", "ViTModel"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, unsharded
+
+
 def transformers_config(cfg: ViTConfig) -> dict:
     """The config.json that `ViTForImageClassification` (with a head) or `ViTModel` (without)
     `.from_pretrained(dir)` reads beside the weights: sizes, GELU form, eps, labels."""
-    size = cfg.image_size if cfg.image_size[0] != cfg.image_size[1] else cfg.image_size[0]
-    patch = cfg.patch_size if cfg.patch_size[0] != cfg.patch_size[1] else cfg.patch_size[0]
+
+    def json_value(field):
+        value = getattr(cfg, field)
+        if field == "gelu":
+            return HIDDEN_ACT[value]
+        if isinstance(value, tuple):
+            return value[0] if value[0] == value[1] else list(value)
+        return value
+
     labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
     return {
-        "architectures": ["ViTForImageClassification" if cfg.num_classes else "ViTModel"],
+        "architectures": [CLASSIFIER if cfg.num_classes else BARE],
         "model_type": "vit",
-        "hidden_size": cfg.width,
-        "num_hidden_layers": cfg.depth,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.mlp_dim,
-        "hidden_act": {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}[cfg.gelu],
-        "layer_norm_eps": cfg.ln_eps,
-        "image_size": list(size) if isinstance(size, tuple) else size,
-        "patch_size": list(patch) if isinstance(patch, tuple) else patch,
-        "num_channels": cfg.in_channels,
-        "qkv_bias": cfg.qkv_bias,
+        **{key: json_value(field) for key, field in CONFIG_JSON_FIELDS},
         "hidden_dropout_prob": cfg.dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
         "pooler_output_size": cfg.width,
@@ -166,6 +188,47 @@ def transformers_config(cfg: ViTConfig) -> dict:
         "id2label": labels,
         "label2id": {name: int(i) for i, name in labels.items()},
     }
+
+
+def read_directory(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The weights of a transformers ViT directory, and the ViTConfig fields its config.json states."""
+    if not (path / CONFIG_FILE).is_file():
+        raise FormatError(f"{path}: a directory is read as a transformers ViT, but it has no {CONFIG_FILE}")
+    weights = next((path / name for name in WEIGHTS_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise FormatError(f"{path}: a transformers ViT directory without {' or '.join(WEIGHTS_FILES)}")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path / CONFIG_FILE}: not JSON ({e})") from None
+    return read_tensors(weights)[0], stated_fields(config, path / CONFIG_FILE)
+
+
+def stated_fields(config: Any, where: Path | str) -> dict[str, Any]:
+    """The ViTConfig fields a transformers ViT config.json states."""
+    if not isinstance(config, dict) or config.get("model_type") != "vit":
+        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise FormatError(f"{where}: model_type {kind!r}, not a transformers ViT ('vit')")
+    fields = {field: config[key] for key, field in CONFIG_JSON_FIELDS if key in config}
+    if "gelu" in fields:
+        form = {act: form for form, act in HIDDEN_ACT.items()}.get(fields["gelu"])
+        if form is None:
+            raise FormatError(
+                f"{where}: hidden_act {fields['gelu']!r} is none of {list(HIDDEN_ACT.values())}"
+            )
+        fields["gelu"] = form
+    for field in ("image_size", "patch_size"):
+        if field in fields:
+            value = fields[field]
+            fields[field] = (value, value) if isinstance(value, int) else tuple(value)
+    architectures = config.get("architectures") or []
+    if BARE in architectures:
+        fields["num_classes"] = 0
+    elif CLASSIFIER in architectures:
+        fields["num_classes"] = (
+            len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+        )
+    return fields
 
 
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:

@@ -2,42 +2,34 @@
 
 A checkpoint shows most of the config in its names and shapes (`Facts`); the rest (heads in
 torch layouts, GELU form, LayerNorm epsilon, a posemb that is not a parameter, the image size)
-comes from flags or else from the source ecosystem's convention (`Convention`). Every value not
-read from the file is reported in the notes; where neither settles a field, the reading is
-refused naming the flag. SPEC.md section 8 states the rules.
+comes from flags (or a stored config, vitspec.formats.flags) or else from the source ecosystem's
+convention (`Convention`). Every value not read from the file is reported in a note that names the
+flag that would settle it; where nothing settles a field, the reading is refused naming the flag.
+Notes on parts inferred absent, and --strict, are vitspec.formats.strict's. SPEC.md section 8
+states the rules.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from vitspec.config import VIT_SIZES, ViTConfig
+from vitspec.formats.flags import (
+    FLAGS,
+    READING_FLAGS,
+    SHOWN_BY_NAMES,
+    Note,
+    Told,
+    config_flag,
+    flag_form,
+    flag_text,
+    told_value,
+)
+from vitspec.formats.grid import source_grid
 from vitspec.formats.table import FormatError
 
-
-class ReadingFlag(NamedTuple):
-    """Something a file may not show, given when reading it: keyword, config field, command-line flag."""
-
-    keyword: str  # of load_any / infer_config
-    field: str  # the ViTConfig field it settles (image_size: the source's)
-    cli: str
-
-
-READING_FLAGS = (
-    ReadingFlag("heads", "num_heads", "--heads"),
-    ReadingFlag("gelu", "gelu", "--gelu"),
-    ReadingFlag("ln_eps", "ln_eps", "--ln-eps"),
-    ReadingFlag("posemb", "posemb", "--posemb"),
-    ReadingFlag("pool", "pool", "--pool"),
-    ReadingFlag("image_size", "image_size", "--source-image-size"),
-)
-CONFIG_FIELDS = {flag.keyword: flag.field for flag in READING_FLAGS}
 # LayerScale's init value is not stored; any value computes the same function from the stored gammas.
 LAYER_SCALE_PLACEHOLDER = 1.0
-# The image size every ecosystem's ViT defaults to, for checkpoints without a position embedding.
-DEFAULT_IMAGE_SIZE = 224
 
 
 class Facts(NamedTuple):
@@ -71,10 +63,17 @@ class Convention(NamedTuple):
     posemb_on_cls: bool  # where the shapes cannot tell (no prefix tokens, or ambiguous lengths)
 
 
-def check_flags(flags: Mapping[str, Any]) -> None:
-    unknown = sorted(set(flags) - set(CONFIG_FIELDS))
-    if unknown:
-        raise FormatError(f"unknown config flag(s) {unknown}; known: {list(CONFIG_FIELDS)}")
+def _check_shown_by_names(facts: Facts, given: Told) -> None:
+    """A flag for a part the file shows by its parameters must agree with them."""
+    for keyword in SHOWN_BY_NAMES:
+        if keyword not in given:
+            continue
+        shown = flag_form(keyword, getattr(facts, keyword))
+        if given[keyword].value != shown:
+            raise FormatError(
+                f"inconsistent flags: {given[keyword].source} gives {FLAGS[keyword].field} "
+                f"{given[keyword].value!r}, but the checkpoint's parameters show {shown!r}"
+            )
 
 
 def standard_heads(width: int) -> int | None:
@@ -82,23 +81,26 @@ def standard_heads(width: int) -> int | None:
     return next((dims["num_heads"] for dims in VIT_SIZES.values() if dims["width"] == width), None)
 
 
-def _heads(facts: Facts, flags: Mapping[str, Any], fmt: str, notes: list[str]) -> int:
-    flag = flags.get("heads")
+def _heads(facts: Facts, given: Told, fmt: str, notes: list[Note]) -> int:
     if facts.heads is not None:
-        if flag is not None and flag != facts.heads:
+        if "heads" in given and given["heads"].value != facts.heads:
             raise FormatError(
-                f"inconsistent flags: --heads {flag}, but the {fmt} attention kernels have "
+                f"inconsistent flags: {given['heads'].source}, but the {fmt} attention kernels have "
                 f"{facts.heads} heads"
             )
         return facts.heads
-    if flag is not None:
-        notes.append(f"heads {flag}: from --heads")
-        return flag
+    heads = told_value("heads", given, notes)
+    if heads is not None:
+        return heads
     standard = standard_heads(facts.width)
     if standard is not None:
         notes.append(
-            f"heads {standard}: not stored in a {fmt} checkpoint; the standard ViT of width "
-            f"{facts.width} has {standard} (pass --heads to override)"
+            Note(
+                "heads",
+                f"heads {standard}",
+                f"not stored in a {fmt} checkpoint; the standard ViT of width {facts.width} has {standard}",
+                flag_text("heads", standard),
+            )
         )
         return standard
     standard = ", ".join(f"{size}={dims['width']}" for size, dims in VIT_SIZES.items())
@@ -108,166 +110,80 @@ def _heads(facts: Facts, flags: Mapping[str, Any], fmt: str, notes: list[str]) -
     )
 
 
-def _posemb(facts: Facts, conv: Convention, flags: Mapping[str, Any], notes: list[str]) -> str:
-    flag = flags.get("posemb")
+def _posemb(facts: Facts, conv: Convention, given: Told, notes: list[Note]) -> str:
+    told = given.get("posemb")
     if facts.posemb_rows is not None:
-        if flag not in (None, "learned"):
+        if told is not None and told.value != "learned":
             raise FormatError(
-                f"inconsistent flags: --posemb {flag}, but the checkpoint has a learned "
+                f"inconsistent flags: {told.source}, but the checkpoint has a learned "
                 f"position embedding ({facts.posemb_rows} rows)"
             )
         return "learned"
-    if flag == "learned":
-        raise FormatError(
-            "inconsistent flags: --posemb learned, but the checkpoint has no position embedding"
-        )
-    if flag is not None:
-        notes.append(f"posemb {flag}: from --posemb")
-        return flag
+    if told is not None and told.value == "learned":
+        raise FormatError(f"inconsistent flags: {told.source}, but the checkpoint has no position embedding")
+    if told is not None:
+        return told_value("posemb", given, notes)
     notes.append(
-        f"posemb {conv.posemb_absent}: no position-embedding parameter; {conv.ecosystem}'s "
-        "convention (pass --posemb to override)"
+        Note(
+            "posemb",
+            f"posemb {conv.posemb_absent}",
+            f"no position-embedding parameter; {conv.ecosystem}'s convention",
+            flag_text("posemb", conv.posemb_absent),
+        )
     )
     return conv.posemb_absent
 
 
-def _pool(facts: Facts, flags: Mapping[str, Any], notes: list[str]) -> str:
-    if flags.get("pool") is not None:
-        notes.append(f"pool {flags['pool']}: from --pool")
-        return flags["pool"]
+def _pool(facts: Facts, given: Told, notes: list[Note]) -> str:
+    told = given.get("pool")
+    if told is not None and facts.map_head != (told.value == "map"):
+        raise FormatError(
+            f"inconsistent flags: {told.source}, but the checkpoint has "
+            f"{'an' if facts.map_head else 'no'} attention pool"
+        )
     if facts.map_head:
         return "map"
+    if told is not None:
+        return told_value("pool", given, notes)
     if facts.fc_norm:
-        notes.append("pool gap: the checkpoint has fc_norm and no attention pool (timm's avg-pool models)")
-        return "gap"
-    pool = "token" if facts.class_token else "gap"
-    notes.append(
-        f"pool {pool}: {'a' if facts.class_token else 'no'} class token and no attention pool "
-        "(pass --pool to override)"
-    )
+        pool, why = "gap", "the checkpoint has fc_norm and no attention pool (timm's avg-pool models)"
+    else:
+        pool = "token" if facts.class_token else "gap"
+        why = f"{'a' if facts.class_token else 'no'} class token and no attention pool"
+    notes.append(Note("pool", f"pool {pool}", why, flag_text("pool", pool)))
     return pool
 
 
-def _grid_and_on_cls(
-    facts: Facts, conv: Convention, flags: Mapping[str, Any], notes: list[str]
-) -> tuple[tuple[int, int], bool]:
-    """The source patch grid and whether the prefix tokens have position-embedding rows."""
-    prefix = int(facts.class_token) + facts.num_registers
-    unseen = False if prefix else conv.posemb_on_cls  # without prefix tokens the choice changes nothing
-    grid = _grid_of_flag(flags.get("image_size"), facts.patch_size)
-    rows = facts.posemb_rows
-    if rows is None:
-        return grid or _grid_without_posemb(facts.patch_size, notes), unseen
-    if grid is not None:
-        patches = grid[0] * grid[1]
-        if prefix and rows == patches + prefix:
-            return grid, True
-        if rows == patches:
-            return grid, unseen
-        raise FormatError(
-            f"inconsistent flags: source image size {flags['image_size']} gives {patches} "
-            f"patches (+{prefix} prefix tokens), but the position embedding has {rows} rows"
-        )
-    # Without the image size, the rows are read by the ecosystem's convention alone: a reading that
-    # only fits against the convention (timm rows that make a square grid only without a class
-    # row) is a different model, not a fallback, so it is refused with the flag that settles it.
-    with_prefix = prefix and rows > prefix and _is_square(rows - prefix)
-    if prefix and conv.posemb_on_cls and with_prefix:
-        grid, on_cls = _square(rows - prefix), True
-    elif (not prefix or not conv.posemb_on_cls) and _is_square(rows):
-        grid, on_cls = _square(rows), unseen
-    else:
-        raise FormatError(_unreadable_grid(rows, prefix, conv))
-    notes.append(
-        f"patch grid {grid[0]}x{grid[1]}: the square grid that the {rows}-row position embedding "
-        f"holds{' with its prefix rows' if on_cls and prefix else ''} (pass --source-image-size "
-        "for another)"
-    )
-    return grid, on_cls
+def config_from_facts(facts: Facts, conv: Convention, given: Told) -> tuple[ViTConfig, list[Note]]:
+    """The config, and a note on every value not read from the names and shapes.
 
-
-def _unreadable_grid(rows: int, prefix: int, conv: Convention) -> str:
-    if not prefix:
-        reading = f"{rows} patch rows"
-    elif conv.posemb_on_cls:
-        reading = (
-            f"{prefix} class/register row(s) + {rows - prefix} patch rows, as {conv.ecosystem}'s "
-            "convention has it"
-        )
-    else:
-        reading = (
-            f"{rows} patch rows and none for the {prefix} class/register token(s), as "
-            f"{conv.ecosystem}'s convention has it"
-        )
-    others = []
-    if prefix and conv.posemb_on_cls and _is_square(rows):
-        others.append(
-            f"{rows} patch rows and no class/register rows would be a square grid (timm's "
-            "no_embed_class models)"
-        )
-    if prefix and not conv.posemb_on_cls and rows > prefix and _is_square(rows - prefix):
-        others.append(f"{prefix} class/register row(s) + {rows - prefix} patch rows would be a square grid")
-    alternative = f"; {others[0]}" if others else ""
-    return (
-        f"the position embedding has {rows} rows: {reading} is not a square patch grid, so the image "
-        f"size cannot be read from it{alternative}. Pass --source-image-size H,W (the resolution the "
-        "checkpoint was trained at), which settles both the grid and whether the prefix tokens have rows"
-    )
-
-
-def _grid_of_flag(image: Any, patch: tuple[int, int]) -> tuple[int, int] | None:
-    if image is None:
-        return None
-    image = (image, image) if isinstance(image, int) else tuple(image)
-    if image[0] % patch[0] or image[1] % patch[1]:
-        raise FormatError(
-            f"inconsistent flags: source image size {image} is not divisible by the "
-            f"checkpoint's patch size {patch}"
-        )
-    return (image[0] // patch[0], image[1] // patch[1])
-
-
-def _grid_without_posemb(patch: tuple[int, int], notes: list[str]) -> tuple[int, int]:
-    if DEFAULT_IMAGE_SIZE % patch[0] or DEFAULT_IMAGE_SIZE % patch[1]:
-        raise FormatError(
-            "the checkpoint has no position embedding to read the image size from, and "
-            f"{DEFAULT_IMAGE_SIZE} is not divisible by patch {patch}: pass --source-image-size"
-        )
-    notes.append(
-        f"image size {DEFAULT_IMAGE_SIZE}: no position embedding to read it from (pass --source-image-size)"
-    )
-    return (DEFAULT_IMAGE_SIZE // patch[0], DEFAULT_IMAGE_SIZE // patch[1])
-
-
-def _is_square(n: int) -> bool:
-    return math.isqrt(n) ** 2 == n
-
-
-def _square(n: int) -> tuple[int, int]:
-    return (math.isqrt(n), math.isqrt(n))
-
-
-def config_from_facts(
-    facts: Facts, conv: Convention, flags: Mapping[str, Any]
-) -> tuple[ViTConfig, list[str]]:
-    notes: list[str] = []
-    heads = _heads(facts, flags, conv.ecosystem, notes)
-    posemb = _posemb(facts, conv, flags, notes)
-    pool = _pool(facts, flags, notes)
-    grid, on_cls = _grid_and_on_cls(facts, conv, flags, notes)
+    `given`: the flags and stored config by keyword (vitspec.formats.flags.given_values)."""
+    _check_shown_by_names(facts, given)
+    notes: list[Note] = []
+    heads = _heads(facts, given, conv.ecosystem, notes)
+    posemb = _posemb(facts, conv, given, notes)
+    pool = _pool(facts, given, notes)
+    grid, on_cls = source_grid(facts, conv, given, notes)
     numerics = {}
-    for field, flag in (("gelu", "--gelu"), ("ln_eps", "--ln-eps")):
-        if flags.get(field) is not None:
-            numerics[field] = flags[field]
-            notes.append(f"{field} {flags[field]}: from {flag}")
-        else:
+    for field in ("gelu", "ln_eps"):
+        numerics[field] = told_value(field, given, notes)
+        if numerics[field] is None:
             numerics[field] = getattr(conv, field)
             notes.append(
-                f"{field} {numerics[field]}: not stored; {conv.ecosystem}'s convention (pass {flag})"
+                Note(
+                    field,
+                    f"{field} {numerics[field]}",
+                    f"not stored; {conv.ecosystem}'s convention",
+                    flag_text(field, numerics[field]),
+                )
             )
-    if facts.layer_scale:
+    if facts.layer_scale:  # computes the same function whatever the value: nothing to settle
         notes.append(
-            f"layer_scale: present; its init value is not stored, recorded as {LAYER_SCALE_PLACEHOLDER}"
+            Note(
+                "layer_scale",
+                "layer_scale",
+                f"present; its init value is not stored, recorded as {LAYER_SCALE_PLACEHOLDER}",
+            )
         )
     try:
         cfg = ViTConfig(
@@ -298,4 +214,4 @@ def config_from_facts(
 
 def reading_flags(cfg: ViTConfig) -> dict[str, Any]:
     """Flags that make reading a written file back give exactly `cfg`."""
-    return {flag.keyword: getattr(cfg, flag.field) for flag in READING_FLAGS}
+    return {flag.keyword: config_flag(cfg, flag.keyword) for flag in READING_FLAGS}
