@@ -74,7 +74,7 @@ def test_truncated_file_is_named(saved):
 
 def test_foreign_files_are_named(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\0" * 8)
-    with pytest.raises(CheckpointError, match="header is not valid JSON"):
+    with pytest.raises(CheckpointError, match="not a valid safetensors file: invalid JSON in header"):
         vitspec.load(tmp_path / "x.safetensors")
     save_file({"w": np.zeros(3, np.float32)}, tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no vitspec config in the file"):

@@ -9,6 +9,7 @@ compared with the NumPy reference on the source checkpoint.
 
 from __future__ import annotations
 
+import ast
 from functools import partial
 from pathlib import Path
 
@@ -54,6 +55,17 @@ BIG_VISION_CASES = {
     ),
     "map-no-head": (dict(pool="map", num_classes=0), dict(pool_type="map", posemb="learn")),
 }
+BIG_VISION_FIELDS = (
+    "num_classes",
+    "patch_size",
+    "width",
+    "depth",
+    "mlp_dim",
+    "num_heads",
+    "posemb",
+    "rep_size",
+    "pool_type",
+)
 # (config overrides, vit_jax `VisionTransformer` settings).
 VIT_JAX_CASES = {
     "token": (dict(pool="token"), dict(classifier="token")),
@@ -93,6 +105,19 @@ def big_vision_model(cfg: vitspec.ViTConfig, **settings) -> BigVisionViT:
     )
 
 
+def printed_big_vision_model(output: str) -> tuple[dict, list[str]]:
+    """The keywords of the `vit.Model(...)` that `vitspec convert --to flax` prints, and the
+    differences it lists after it."""
+    line = next(x for x in output.splitlines() if x.startswith("big_vision applies it in: "))
+    model, *differences = line.split(": ", 1)[1].split("; ")
+    call = ast.parse(model, mode="eval").body
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}, differences
+
+
+def vars_of(module: nn.Module) -> dict:
+    return {f: getattr(module, f) for f in BIG_VISION_FIELDS}
+
+
 def shapes(tree: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
@@ -111,12 +136,18 @@ def assert_close(got, expected, bound: float) -> None:
 
 @pytest.mark.parametrize("suffix", [".msgpack", ".npz"])
 @pytest.mark.parametrize("case", list(BIG_VISION_CASES))
-def test_big_vision_model_applies_the_flax_file(case, suffix, tmp_path):
+def test_big_vision_model_applies_the_flax_file(case, suffix, tmp_path, capsys):
     overrides, settings = BIG_VISION_CASES[case]
     cfg = vitspec.ViTConfig(**{**BASE, **overrides})
     params, path = convert(tmp_path, cfg, f"model{suffix}", "flax")
+    printed, differences = printed_big_vision_model(capsys.readouterr().out)
+    assert printed == {
+        **vars_of(big_vision_model(cfg, **settings)),
+        "rep_size": settings.get("rep_size", False),
+    }
+    assert differences == []  # what convert says the stock code computes otherwise: nothing here
     tree = read_like_a_flax_user(path)
-    model = big_vision_model(cfg, **settings)
+    model = BigVisionViT(**printed)  # the module exactly as `vitspec convert` prints it
     images = random_images(cfg, 2, 1)
     assert_same_tree(model, tree, images)
     assert_close(model.apply({"params": tree}, images), vitspec.forward(cfg, params, images), F64_BOUND)
@@ -137,12 +168,17 @@ def test_posemb_on_the_class_token_folds_into_cls_as_big_vision_load_does(tmp_pa
     assert_close(model.apply({"params": tree}, images), vitspec.forward(cfg, params, images), F64_BOUND)
 
 
-def test_big_vision_computes_tanh_gelu_and_an_exact_gelu_model_needs_it_changed(tmp_path, monkeypatch):
+def test_big_vision_computes_tanh_gelu_and_an_exact_gelu_model_needs_it_changed(
+    tmp_path, monkeypatch, capsys
+):
     """flax's nn.gelu is the tanh approximation: a stock big_vision model runs an exact-GELU
     checkpoint (vitspec's default, timm's) slightly wrong, and exactly once its MlpBlock's
     nn.gelu is the erf form."""
     cfg = vitspec.ViTConfig(**{**BASE, "gelu": "exact"}, pool="token", posemb_on_cls=False)
     params, path = convert(tmp_path, cfg, "model.msgpack", "flax")
+    assert any(
+        "nn.gelu(x, approximate=False)" in d for d in printed_big_vision_model(capsys.readouterr().out)[1]
+    )
     variables = {"params": read_like_a_flax_user(path)}
     model = big_vision_model(cfg, pool_type="tok", posemb="learn")
     images = random_images(cfg, 2, 1)

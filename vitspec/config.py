@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from typing import Any
 
 POOLS = ("token", "gap", "map", "none")
@@ -125,9 +126,10 @@ class ViTConfig:
             isinstance(self.layer_scale, bool) or not isinstance(self.layer_scale, (int, float))
         ):
             raise ValueError(f"layer_scale={self.layer_scale!r}: expected None or a float init value")
-        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) or not self.ln_eps > 0:
-            raise ValueError(f"ln_eps={self.ln_eps!r}: expected a float > 0")
-        set_("ln_eps", float(self.ln_eps))
+        eps = self.ln_eps  # bounded first: an int past float's range (a forged file's) overflows float()
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= sys.float_info.max:
+            raise ValueError(f"ln_eps={eps!r}: expected a finite float > 0")
+        set_("ln_eps", float(eps))
         for name in ("dropout", "attention_dropout", "stochastic_depth"):
             _rate(name, getattr(self, name))
         if self.posemb == "sincos2d":
@@ -211,6 +213,8 @@ class ViTConfig:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"ViTConfig JSON is not valid JSON: {e}") from None
+        except RecursionError:  # the text may come from a file: any nesting, no config is that deep
+            raise ValueError("ViTConfig JSON is nested too deeply to be a config") from None
         if not isinstance(d, dict):
             raise ValueError(f"ViTConfig JSON must be an object, got {type(d).__name__}")
         return cls.from_dict(d)

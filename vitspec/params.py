@@ -48,6 +48,21 @@ def _mlp(prefix: str, cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
 
 def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in forward order. SPEC.md has the same table in words."""
+    shapes = _stem_shapes(cfg)
+    for i in range(cfg.depth):
+        shapes |= _block_shapes(cfg, i)
+    return shapes | _tail_shapes(cfg)
+
+
+def tree_size(cfg: ViTConfig) -> tuple[int, int]:
+    """(tensors, values) of `param_shapes(cfg)` without building it, in time independent of depth:
+    a stored config is checked against what its file holds before its tree is built."""
+    parts = [(_stem_shapes(cfg), 1), (_block_shapes(cfg, 0), cfg.depth), (_tail_shapes(cfg), 1)]
+    tensors = sum(len(shapes) * n for shapes, n in parts)
+    return tensors, sum(math.prod(s) * n for shapes, n in parts for s in shapes.values())
+
+
+def _stem_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     d = cfg.width
     ph, pw = cfg.patch_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -60,16 +75,25 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         shapes["reg_tokens"] = (cfg.num_registers, d)
     if cfg.posemb == "learned":
         shapes["pos_embed"] = (cfg.posemb_length, d)
-    for i in range(cfg.depth):
-        b = f"blocks/{i}"
-        shapes |= _layer_norm(f"{b}/norm1", d)
-        shapes |= _attention(f"{b}/attn", cfg, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm)
-        if cfg.layer_scale is not None:
-            shapes[f"{b}/ls1/scale"] = (d,)
-        shapes |= _layer_norm(f"{b}/norm2", d)
-        shapes |= _mlp(f"{b}/mlp", cfg)
-        if cfg.layer_scale is not None:
-            shapes[f"{b}/ls2/scale"] = (d,)
+    return shapes
+
+
+def _block_shapes(cfg: ViTConfig, i: int) -> dict[str, tuple[int, ...]]:
+    d, b = cfg.width, f"blocks/{i}"
+    shapes = _layer_norm(f"{b}/norm1", d)
+    shapes |= _attention(f"{b}/attn", cfg, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm)
+    if cfg.layer_scale is not None:
+        shapes[f"{b}/ls1/scale"] = (d,)
+    shapes |= _layer_norm(f"{b}/norm2", d)
+    shapes |= _mlp(f"{b}/mlp", cfg)
+    if cfg.layer_scale is not None:
+        shapes[f"{b}/ls2/scale"] = (d,)
+    return shapes
+
+
+def _tail_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    d = cfg.width
+    shapes: dict[str, tuple[int, ...]] = {}
     if not cfg.fc_norm:
         shapes |= _layer_norm("norm", d)
     if cfg.pool == "map":
@@ -88,7 +112,7 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def num_params(cfg: ViTConfig) -> int:
-    return sum(math.prod(s) for s in param_shapes(cfg).values())
+    return tree_size(cfg)[1]
 
 
 # --- init ---------------------------------------------------------------------------------------
@@ -156,13 +180,19 @@ def init_params(cfg: ViTConfig, seed: int = 0, dtype: np.dtype | type = np.float
 
 
 class ParamTreeError(ValueError):
-    """A parameter tree that does not match its config; the message lists every problem."""
+    """A parameter tree that does not match its config; the message names every kind of problem."""
+
+
+# Tensors beyond twice the tree's own that a config may imply and still have its keys listed: a
+# small tree against a small config (none at all against a one-block model) is worth the list.
+_ALLOWANCE = 64
 
 
 def tree_problems(
     expected: Mapping[str, tuple[int, ...]], arrays: Mapping[str, object], require_float: bool = True
 ) -> list[str]:
-    """Every missing, unexpected, mis-shaped (and, if asked, non-float) key, one line per kind."""
+    """Every kind of problem (missing, unexpected, mis-shaped, non-float keys), one line per kind with
+    its count and the first few keys: a tree of the wrong depth has millions."""
     missing = [k for k in expected if k not in arrays]
     unexpected = sorted(k for k in arrays if k not in expected)
     present = [k for k in expected if k in arrays]
@@ -178,18 +208,39 @@ def tree_problems(
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
+        problems.append(f"missing keys ({len(missing)}): {_first(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
     if misshaped:
-        problems.append(f"shape mismatches ({len(misshaped)}): " + "; ".join(misshaped))
+        problems.append(f"shape mismatches ({len(misshaped)}): {_first(misshaped, '; ')}")
     if not_float:
-        problems.append(f"non-float parameters ({len(not_float)}): " + "; ".join(not_float))
+        problems.append(f"non-float parameters ({len(not_float)}): {_first(not_float, '; ')}")
     return problems
 
 
+def size_text(n: int) -> str:
+    """`n`, or its order of magnitude where a forged config makes it absurd (past 4300 digits,
+    Python refuses to print it at all)."""
+    return str(n) if n < 10**15 else f"~10**{int(math.log10(n))}"
+
+
+def _first(items: list[str], sep: str | None = None, shown: int = 5) -> str:
+    text = repr(items[:shown]) if sep is None else sep.join(items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def validate_params(cfg: ViTConfig, params: dict[str, np.ndarray], source: str = "params") -> None:
-    """Raise ParamTreeError listing every missing, unexpected and mis-shaped key at once."""
+    """Raise ParamTreeError listing every kind of missing, unexpected and mis-shaped key at once.
+
+    A config whose tree has over twice the tensors given (depth 10**6 against a small file) is
+    refused by the counts alone, before its tree is built: it cannot be a near miss worth listing
+    key by key, and the tree would cost time and memory in proportion to the config."""
+    tensors, values = tree_size(cfg)
+    if tensors > 2 * len(params) + _ALLOWANCE:
+        raise ParamTreeError(
+            f"{source} does not match the config: the config has {size_text(tensors)} tensors "
+            f"({size_text(values)} values, depth {size_text(cfg.depth)}); the tree has {len(params)}"
+        )
     problems = tree_problems(param_shapes(cfg), params)
     if problems:
         raise ParamTreeError(f"{source} does not match the config:\n  " + "\n  ".join(problems))

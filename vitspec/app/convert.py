@@ -31,6 +31,7 @@ from vitspec.formats import (
     EXTERNAL,
     FORMATS,
     REFERENCE,
+    big_vision,
     flags_needed_to_read_back,
     format_of_suffix,
     load_with_notes,
@@ -38,6 +39,7 @@ from vitspec.formats import (
     save_any,
     timm,
 )
+from vitspec.formats.big_vision import big_vision_construction
 from vitspec.formats.checkpoint import CheckpointError
 from vitspec.formats.flags import FLAGS, SHOWN_BY_NAMES
 from vitspec.formats.strict import unsettled
@@ -132,6 +134,8 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
         _print_unstored(out, to_fmt, cfg, dst.is_dir())
     if to_fmt == timm.NAME:
         print(f"timm loads it (load_state_dict(strict=True)) into: {timm_construction(cfg)}", file=out)
+    if to_fmt == big_vision.NAME:
+        print(f"big_vision applies it in: {big_vision_construction(cfg)}", file=out)
 
 
 def _print_unstored(out: TextIO, fmt: str, cfg: ViTConfig, directory: bool) -> None:

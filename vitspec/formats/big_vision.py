@@ -142,3 +142,53 @@ FORMAT = Format(
     read_facts=_facts,
     suffixes=(".npz", ".msgpack"),
 )
+
+
+BIG_VISION_POOL = {"token": "tok", "gap": "gap", "map": "map", "none": "none"}
+BIG_VISION_POSEMB = {"learned": "learn", "sincos2d": "sincos2d"}
+
+
+def big_vision_construction(cfg: ViTConfig) -> str:
+    """The big_vision `vit.Model` a file of this config applies in, then what its published code
+    computes otherwise (each needs a change there, or the flax backend, which has every knob)."""
+    kwargs = dict(
+        num_classes=cfg.num_classes,
+        patch_size=tuple(cfg.patch_size),
+        width=cfg.width,
+        depth=cfg.depth,
+        mlp_dim=cfg.mlp_dim,
+        num_heads=cfg.num_heads,
+        posemb=BIG_VISION_POSEMB.get(cfg.posemb, cfg.posemb),
+        rep_size=cfg.representation_size or False,
+        pool_type=BIG_VISION_POOL[cfg.pool],
+    )
+    model = "big_vision.models.vit.Model(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    differences = []
+    if cfg.gelu == "exact":
+        differences.append(
+            "exact GELU: its MlpBlock calls nn.gelu, the tanh form; use nn.gelu(x, approximate=False)"
+        )
+    if cfg.ln_eps != 1e-6:
+        differences.append(f"LayerNorm eps {cfg.ln_eps:g}: its LayerNorms use 1e-6")
+    if cfg.posemb == "learned" and cfg.posemb_on_cls and cfg.class_token:
+        differences.append("pos_embedding has a class-token row: add pos_embedding[:, :1] to cls and drop it")
+    if cfg.posemb == "none":
+        differences.append("no position embedding: big_vision always adds one")
+    if cfg.class_token and cfg.pool != "token":
+        differences.append(
+            f"a class token with pool {cfg.pool!r}: big_vision has a class token only with 'tok'"
+        )
+    unsupported = [
+        name
+        for name, present in (
+            ("registers", cfg.num_registers),
+            ("qk-norm", cfg.qk_norm),
+            ("LayerScale", cfg.layer_scale),
+            ("fc_norm", cfg.fc_norm),
+            ("q/k/v without biases", not cfg.qkv_bias),
+        )
+        if present
+    ]
+    if unsupported:
+        differences.append(f"{', '.join(unsupported)}: not in big_vision's code (backends.flax_vit has them)")
+    return model + "".join(f"; {d}" for d in differences)

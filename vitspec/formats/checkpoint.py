@@ -1,10 +1,11 @@
 """Checkpoint files of the reference tree: `.safetensors` (config JSON in the metadata) and `.npz`.
 
-`.safetensors` is read and written here in NumPy: the format is an 8-byte little-endian header
-length, a JSON header ({name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}), then
-the raw little-endian tensor bytes. Owning the parser means a truncated or foreign file gives an
-error that names the file and the problem. The `safetensors` package is used in tests only, as
-the oracle that these files are the format everyone else reads.
+`.safetensors` is an 8-byte little-endian header length, a JSON header ({name: {dtype, shape,
+data_offsets}, "__metadata__": {str: str}}), then the raw little-endian tensor bytes. Files are
+written here in NumPy. They are read through the `safetensors` package, the format's reference
+reader, so that what it rejects is rejected here too, with a `CheckpointError` naming the file;
+each tensor is then read straight into its own array, and bfloat16 (which NumPy lacks) is widened
+here.
 
 Writes go to a temporary file in the same directory and are renamed into place, so a crash never
 leaves a partial checkpoint under the real name.
@@ -18,13 +19,15 @@ import os
 import struct
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from vitspec.config import ViTConfig
-from vitspec.params import ParamTreeError, validate_params
+from vitspec.params import ParamTreeError, size_text, tree_size, validate_params
 
 CONFIG_KEY = "vitspec_config"
 FORMAT_KEY = "format"
@@ -43,7 +46,7 @@ _ST_DTYPES = {
     "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 
 
 class CheckpointError(ValueError):
@@ -84,94 +87,127 @@ def _umask() -> int:
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     header: dict = {"__metadata__": dict(metadata or {})}
-    offset, blobs = 0, []
+    offset, arrays = 0, []
     for name, value in tensors.items():
         value = np.ascontiguousarray(value)
         if value.dtype not in _ST_NAMES:
             raise CheckpointError(
                 f"tensor {name!r} has dtype {value.dtype}, which safetensors here does not store"
             )
-        blob = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+        value = value.astype(value.dtype.newbyteorder("<"), copy=False)
         header[name] = {
             "dtype": _ST_NAMES[value.dtype],
             "shape": list(value.shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "data_offsets": [offset, offset + value.nbytes],
         }
-        blobs.append(blob)
-        offset += len(blob)
+        arrays.append(value)
+        offset += value.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
 
     def write(f):
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
-        for blob in blobs:
-            f.write(blob)
+        for value in arrays:
+            f.write(value.data)  # the array's own memory: no bytes copy of the whole tree
 
     atomic_write(path, write)
 
 
-def _bf16_to_f32(raw: bytes, shape) -> np.ndarray:
-    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-    return bits.view(np.float32).reshape(shape)
-
-
 def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors (bfloat16 widened to float32) and the string metadata of a .safetensors file."""
+    """Tensors (bfloat16 widened to float32) and the string metadata of a .safetensors file.
+
+    The `safetensors` package checks the file first (it rejects what no other reader would load:
+    overlapping or out-of-range offsets, bytes after the data, bad shapes or JSON); then each
+    tensor is read from the file into an array of its own: memory is the tensors once, no copy of
+    the whole file. (Not memory maps: arrays that change, or crash the process, when someone
+    rewrites the file in place later would be results silently wrong.) Only the 8-byte length is
+    read before the header is known to fit the file, so a forged length costs nothing."""
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: {len(data)} bytes is too short for a safetensors file (truncated?)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(_MAX_HEADER, len(data) - 8):
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header_len, header = _checked_header(path, f, size)
+        metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_len
+        return {
+            name: _read_tensor(path, f, data_start, name, info) for name, info in header.items()
+        }, metadata
+
+
+def _checked_header(path: Path, f, size: int) -> tuple[int, dict]:
+    """(length, parsed JSON) of the header of the open file `f`, once the package has accepted it."""
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > size - 8:
         raise CheckpointError(
-            f"{path}: header length {header_len} exceeds the file's {len(data)} bytes "
+            f"{path}: header length {header_len} runs past the file's {size} bytes "
             "(truncated, or not a safetensors file)"
         )
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    if header_len > _MAX_HEADER:
         raise CheckpointError(
-            f"{path}: the safetensors header is not valid JSON ({e}); not a safetensors file?"
-        ) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + header_len :]
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from None
-        if end > len(body) or begin > end:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} needs bytes [{begin}, {end}) but the data section has "
-                f"{len(body)} (truncated file)"
-            )
-        raw = bytes(body[begin:end])
-        if dtype == "BF16":
-            expected = 2 * int(np.prod(shape))
-            value = _bf16_to_f32(raw, shape) if len(raw) == expected else None
-        elif dtype in _ST_DTYPES:
-            np_dtype = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
-            expected = np_dtype.itemsize * int(np.prod(shape))
-            value = (
-                np.frombuffer(raw, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("="))
-                if len(raw) == expected
-                else None
-            )
-        else:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {dtype}, which this reader does not support"
-            )
-        if value is None:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} of shape {shape} ({dtype}) should have {expected} bytes, "
-                f"has {len(raw)}"
-            )
-        tensors[name] = value
-    return tensors, metadata
+            f"{path}: header length {header_len} exceeds the format's limit of {_MAX_HEADER} "
+            "(not a safetensors file?)"
+        )
+    try:
+        with safe_open(path, framework="np"):
+            pass
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {_reason(e)}") from None
+    if not os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+        raise CheckpointError(f"{path}: replaced by another file while being read; read it again")
+    try:
+        return header_len, json.loads(f.read(header_len), object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: the safetensors header has the key {e} twice") from None
+
+
+def _read_tensor(path: Path, f, data_start: int, name: str, info: dict) -> np.ndarray:
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if dtype == "BF16":
+        stored = np.dtype("<u2")
+    elif dtype in _ST_DTYPES:
+        stored = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
+    else:
+        raise CheckpointError(
+            f"{path}: tensor {_short(name)} has dtype {dtype}, which this reader does not support"
+        )
+    value = np.empty(shape, stored)  # the package has checked that its size is end - begin
+    f.seek(data_start + begin)
+    if f.readinto(value.reshape(-1).view(np.uint8)) != end - begin:
+        raise CheckpointError(f"{path}: shortened while being read; read it again")
+    if dtype == "BF16":  # no NumPy dtype: widened to float32, exactly
+        return (value.astype(np.uint32) << 16).view(np.float32)
+    return value if stored.isnative else value.astype(stored.newbyteorder("="))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # The package keeps the last of two same-named entries when their offsets happen to pass;
+    # which of two configs or tensors is meant is not ours to guess.
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        raise _DuplicateKey(_short(next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)))
+    return out
+
+
+def _reason(e: Exception) -> str:
+    reason = str(e).partition("\n")[0].removeprefix("Error while deserializing header: ")
+    if "not fully covered" in reason:
+        reason += " (a truncated file, or bytes after the last tensor)"
+    return _clip(reason)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    # Names and values in messages come from the file: a forged one can be megabytes long.
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _short(name: str) -> str:
+    return _clip(repr(name), 80)
 
 
 def nonfinite_names(params: dict[str, np.ndarray]) -> list[str]:
@@ -240,7 +276,14 @@ def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTCon
     try:
         cfg = ViTConfig.from_json(config_json)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: the stored config is invalid: {e}") from None
+        raise CheckpointError(f"{path}: the stored config is invalid: {_clip(str(e))}") from None
+    _, values = tree_size(cfg)
+    held = sum(v.nbytes for v in params.values())
+    if 2 * values > held:  # every parameter is a float of 2 bytes or more
+        raise CheckpointError(
+            f"{path}: the stored config implies {size_text(values)} parameters, at least "
+            f"{size_text(2 * values)} bytes, but the file's tensors hold {held} bytes"
+        )
     try:
         validate_params(cfg, params, source=str(path))
     except ParamTreeError as e:
