@@ -9,7 +9,8 @@ logit that cancels is a ratio of two independent rounding errors, whose tail is 
 largest of several cannot.
 
 A relabeling is a dict of permutations by axis label: 'd' residual channels, 'm' MLP hidden
-units, 'h' heads (head-major blocks of the q/k/v columns), 'r' pre-logits units.
+units, 'c' those of CaiT's class-attention blocks, 'h' heads (head-major blocks of the q/k/v
+columns; both axes of a talking-heads mix), 'r' pre-logits units.
 """
 
 from __future__ import annotations
@@ -41,16 +42,19 @@ def _param_axes(cfg: ViTConfig, name: str) -> tuple:
         return (None,)
     if layer == "out":
         return ("hd", "d") if leaf == "kernel" else ("d",)
+    if layer in ("talk_logits", "talk_weights"):
+        return ("h", "h") if leaf == "kernel" else ("h",)
+    hidden = "c" if name.startswith("class_blocks/") else "m"
     if layer == "fc1":
-        return ("d", "m") if leaf == "kernel" else ("m",)
+        return ("d", hidden) if leaf == "kernel" else (hidden,)
     if layer == "fc2":
-        return ("m", "d") if leaf == "kernel" else ("d",)
+        return (hidden, "d") if leaf == "kernel" else ("d",)
     return ("d",)  # tokens, norms, layer scales, biases on the residual stream, the MAP probe
 
 
 def _value_axes(cfg: ViTConfig, name: str, ndim: int) -> tuple:
     """Which label each axis of a named intermediate, attention map or image gradient carries."""
-    if name.startswith("attn_") or name == "map_attn":
+    if name.startswith(("attn_", "class_attn_")) or name == "map_attn":
         return (None, "h", None, None)
     feature = "r" if cfg.representation_size else "d"
     if name == "pre_logits" or (name == "logits" and not cfg.num_classes):
@@ -67,6 +71,7 @@ def random_relabeling(cfg: ViTConfig, rng: np.random.Generator) -> dict[str, np.
     return {
         "d": np.arange(cfg.width) if cfg.posemb == "sincos2d" else rng.permutation(cfg.width),
         "m": rng.permutation(cfg.mlp_dim),
+        "c": rng.permutation(cfg.class_attention_mlp_dim or 1),
         "h": heads,
         "hd": (heads[:, None] * cfg.head_dim + np.arange(cfg.head_dim)).reshape(-1),
         "r": rng.permutation(cfg.representation_size or 1),

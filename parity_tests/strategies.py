@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from vitspec.config import ViTConfig
 from vitspec.gradcheck import random_images, random_params
 
-__all__ = ["configs", "random_images", "random_params"]
+__all__ = ["cait_configs", "configs", "random_images", "random_params"]
 
 # The small config the unit tests start from (each replaces the fields it is about).
 SMALL_FIELDS = dict(
@@ -68,4 +68,36 @@ def configs(draw: st.DrawFn, *, max_depth: int = 2, allow_none_pool: bool = True
         dropout=draw(st.sampled_from([0.0, 0.1])),
         attention_dropout=draw(st.sampled_from([0.0, 0.1])),
         stochastic_depth=draw(st.sampled_from([0.0, 0.1])),
+    )
+
+
+@st.composite
+def cait_configs(draw: st.DrawFn, *, max_depth: int = 2) -> ViTConfig:
+    """Any valid CaiT (class_attention_depth > 0) in the size budget; a separate strategy, since the
+    backends take `configs()` and CaiT is the reference's first."""
+    width, num_heads = draw(st.sampled_from(WIDTH_HEADS))
+    patch = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    grid = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    return ViTConfig(
+        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        patch_size=patch,
+        in_channels=draw(st.integers(1, 3)),
+        width=width,
+        depth=draw(st.integers(1, max_depth)),
+        num_heads=num_heads,
+        mlp_dim=draw(st.sampled_from([4, 8, 20, 32])),
+        num_classes=draw(st.sampled_from([0, 1, 3, 5])),
+        posemb=draw(st.sampled_from(["learned", "sincos2d", "none"])),
+        posemb_on_cls=False,
+        qkv_bias=draw(st.booleans()),
+        layer_scale=draw(st.sampled_from([None, 0.1, 1e-5])),
+        ln_eps=draw(st.sampled_from([1e-6, 1e-5, 1e-12])),
+        gelu=draw(st.sampled_from(["exact", "tanh"])),
+        dropout=draw(st.sampled_from([0.0, 0.1])),
+        attention_dropout=draw(st.sampled_from([0.0, 0.1])),
+        stochastic_depth=draw(st.sampled_from([0.0, 0.1])),
+        drop_path_schedule=draw(st.sampled_from(["linear", "constant"])),
+        talking_heads=draw(st.booleans()),
+        class_attention_depth=draw(st.integers(1, 2)),
+        class_attention_mlp_dim=draw(st.sampled_from([None, 4, 12, 32])),
     )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 from hypothesis import given
+from hypothesis import strategies as st
 
-from parity_tests.cases import cases
+from parity_tests.cases import cait_cases, cases
 from parity_tests.relabel import random_relabeling
 from parity_tests.tolerances import assert_close_f64
 
 
-@given(cases)
+@given(st.one_of(cases, cait_cases))
 def test_relabeled_reference_is_the_same_function(case):
     named, grads = case.reference(np.float64)
     relabeling = random_relabeling(case.cfg, np.random.default_rng(case.seed))

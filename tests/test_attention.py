@@ -13,6 +13,18 @@ PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
 
 MODELS = {
+    "cait": vitspec.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        width=16,
+        depth=2,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=3,
+        talking_heads=True,
+        class_attention_depth=2,
+        layer_scale=0.1,
+    ),
     "class token": vitspec.ViTConfig(
         image_size=16,
         patch_size=4,

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 
 import vitspec
-from parity_tests.strategies import configs
+from parity_tests.strategies import cait_configs, configs
 from vitspec import ViTConfig
 
 
@@ -40,6 +40,22 @@ from vitspec import ViTConfig
             dict(posemb="sincos2d"),
             r"posemb='sincos2d' is defined on the patch grid only: set posemb_on_cls=False",
         ),
+        (dict(talking_heads="yes"), r"talking_heads='yes': expected True or False"),
+        (dict(class_attention_depth=-1), r"class_attention_depth=-1: expected an int >= 0"),
+        (dict(class_attention_mlp_dim=64), r"class_attention_mlp_dim is set, but class_attention_depth=0"),
+        (
+            dict(class_attention_depth=2, posemb_on_cls=False, class_attention_mlp_dim=0),
+            r"class_attention_mlp_dim=0: expected an int >= 1",
+        ),
+        (
+            dict(drop_path_schedule="cosine"),
+            r"drop_path_schedule='cosine': expected one of 'linear', 'constant'",
+        ),
+        (
+            dict(class_attention_depth=2, posemb_on_cls=True),
+            r"^class_attention_depth=2 \(CaiT\): posemb_on_cls must be False \(the posemb is over the "
+            r"patches\)$",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(fields, message):
@@ -47,8 +63,44 @@ def test_bad_values_name_the_field_and_what_is_allowed(fields, message):
         ViTConfig(**fields)
 
 
+def test_a_cait_puts_no_position_embedding_on_its_class_token_by_default():
+    assert not ViTConfig(class_attention_depth=2).posemb_on_cls and ViTConfig().posemb_on_cls
+
+
+def test_a_cait_config_lists_every_conflict_at_once():
+    with pytest.raises(ValueError) as e:
+        ViTConfig(
+            class_attention_depth=1,
+            posemb_on_cls=True,
+            pool="gap",
+            num_registers=1,
+            fc_norm=True,
+            qk_norm=True,
+            representation_size=8,
+        )
+    assert str(e.value) == (
+        "class_attention_depth=1 (CaiT): pool must be 'token'; class_token must be True; "
+        "num_registers must be 0; posemb_on_cls must be False (the posemb is over the patches); "
+        "fc_norm must be False; qk_norm must be False; representation_size must be None"
+    )
+
+
+def test_cait_tokens_are_patches_and_class_blocks_default_to_the_mlp_width():
+    cfg = ViTConfig(image_size=32, patch_size=8, class_attention_depth=2, posemb_on_cls=False, mlp_dim=64)
+    assert (cfg.num_prefix_tokens, cfg.num_tokens, cfg.posemb_length) == (0, 16, 16)
+    assert cfg.class_attention_mlp_dim == 64
+    assert (
+        ViTConfig(depth=4, stochastic_depth=0.2, drop_path_schedule="constant").drop_path_rates == (0.2,) * 4
+    )
+
+
 @given(configs())
 def test_json_round_trip(cfg):
+    assert ViTConfig.from_json(cfg.to_json()) == cfg
+
+
+@given(cait_configs())
+def test_cait_json_round_trip(cfg):
     assert ViTConfig.from_json(cfg.to_json()) == cfg
 
 

@@ -10,15 +10,17 @@ when first used.
 """
 
 from vitspec import formats
-from vitspec.config import PRESETS, VIT_SIZES, ViTConfig, variant, variant_names
+from vitspec.config import ViTConfig
 from vitspec.formats import load_any
 from vitspec.formats.checkpoint import CheckpointError, load, save
 from vitspec.grad import loss_and_grad, vjp
 from vitspec.params import ParamTreeError, init_params, num_params, param_shapes, validate_params
 from vitspec.reference import cross_entropy, forward
+from vitspec.variants import CAIT_VARIANTS, PRESETS, VIT_SIZES, variant, variant_names
 
 __all__ = [
     "CheckpointError",
+    "CAIT_VARIANTS",
     "PRESETS",
     "ParamTreeError",
     "VIT_SIZES",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 from typing import Any
 
 POOLS = ("token", "gap", "map", "none")
 POSEMBS = ("learned", "sincos2d", "none")
 GELUS = ("exact", "tanh")
+DROP_PATH_SCHEDULES = ("linear", "constant")
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -58,12 +58,21 @@ class ViTConfig:
 
     Tokens: `class_token` (default: True exactly when `pool == "token"`) and `num_registers`
     register tokens (Darcet et al. 2023) are prepended in the order [class, registers, patches].
-    `posemb_on_cls`: whether those prefix tokens get position embeddings too (timm, HF and
-    vision_transformer: yes; big_vision: no, it adds the posemb to the patches before prepending).
+    `posemb_on_cls`: whether those prefix tokens get position embeddings too (default: yes, as timm,
+    HF and vision_transformer; big_vision: no, it adds the posemb to the patches before prepending;
+    a CaiT: no).
 
     Numerics that differ across ecosystems: `ln_eps` (timm and big_vision 1e-6, torch default
     1e-5, HF 1e-12) and `gelu` ("exact" = erf form, timm/HF; "tanh" = the approximation, which is
     what flax's `nn.gelu` computes by default and so what big_vision checkpoints were trained with).
+
+    CaiT (Touvron et al. 2021, arXiv:2103.17239): `talking_heads` mixes the attention logits across
+    heads before the softmax and the weights after it (two learned heads x heads maps with biases);
+    `class_attention_depth > 0` makes the `depth` blocks self-attention over the patches only and
+    adds that many class-attention blocks, where the class token (entering there) queries
+    [class, patches] and only it is updated; their MLP width is `class_attention_mlp_dim` (default
+    `mlp_dim`). `drop_path_schedule`: stochastic depth linear over the blocks (ViT, DeiT) or the
+    same rate in each (CaiT); class-attention blocks have none.
     """
 
     image_size: int | tuple[int, int] = 224
@@ -77,7 +86,7 @@ class ViTConfig:
     pool: str = "token"
     class_token: bool | None = None
     posemb: str = "learned"
-    posemb_on_cls: bool = True
+    posemb_on_cls: bool | None = None
     fc_norm: bool = False
     representation_size: int | None = None
     qkv_bias: bool = True
@@ -89,6 +98,10 @@ class ViTConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     stochastic_depth: float = 0.0
+    drop_path_schedule: str = "linear"
+    talking_heads: bool = False
+    class_attention_depth: int = 0
+    class_attention_mlp_dim: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -115,7 +128,9 @@ class ViTConfig:
         _choice("gelu", self.gelu, GELUS)
         if self.class_token is None:
             set_("class_token", self.pool == "token")
-        for name in ("class_token", "posemb_on_cls", "fc_norm", "qkv_bias", "qk_norm"):
+        if self.posemb_on_cls is None:  # a CaiT's class token enters after the posemb
+            set_("posemb_on_cls", not self.class_attention_depth)
+        for name in ("class_token", "posemb_on_cls", "fc_norm", "qkv_bias", "qk_norm", "talking_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
         if self.pool == "token" and not self.class_token:
@@ -132,6 +147,8 @@ class ViTConfig:
         set_("ln_eps", float(eps))
         for name in ("dropout", "attention_dropout", "stochastic_depth"):
             _rate(name, getattr(self, name))
+        _choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
+        self._check_class_attention(set_)
         if self.posemb == "sincos2d":
             if self.width % 4 or self.width < 8:
                 raise ValueError(
@@ -144,6 +161,35 @@ class ViTConfig:
                     f"(the model has {self.num_prefix_tokens} class/register token(s))"
                 )
 
+    def _check_class_attention(self, set_) -> None:
+        _positive_int("class_attention_depth", self.class_attention_depth, minimum=0)
+        if not self.class_attention_depth:
+            if self.class_attention_mlp_dim is not None:
+                raise ValueError("class_attention_mlp_dim is set, but class_attention_depth=0")
+            return
+        if self.class_attention_mlp_dim is None:
+            set_("class_attention_mlp_dim", self.mlp_dim)
+        _positive_int("class_attention_mlp_dim", self.class_attention_mlp_dim)
+        # CaiT's class token enters after the self-attention blocks and is what the head reads:
+        # the knobs that place tokens or pool otherwise have no meaning there.
+        conflicts = [
+            text
+            for text, bad in (
+                ("pool must be 'token'", self.pool != "token"),
+                ("class_token must be True", not self.class_token),
+                ("num_registers must be 0", self.num_registers),
+                ("posemb_on_cls must be False (the posemb is over the patches)", self.posemb_on_cls),
+                ("fc_norm must be False", self.fc_norm),
+                ("qk_norm must be False", self.qk_norm),
+                ("representation_size must be None", self.representation_size is not None),
+            )
+            if bad
+        ]
+        if conflicts:
+            raise ValueError(
+                f"class_attention_depth={self.class_attention_depth} (CaiT): " + "; ".join(conflicts)
+            )
+
     # Derived sizes: the only place they are computed.
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -155,15 +201,18 @@ class ViTConfig:
 
     @property
     def drop_path_rates(self) -> tuple[float, ...]:
-        """Stochastic depth per block (SPEC.md section 6): stochastic_depth * i / (depth - 1); 0 for one
-        block."""
+        """Stochastic depth per block (SPEC.md section 6): stochastic_depth * i / (depth - 1), 0 for one
+        block ('linear'); stochastic_depth in each ('constant')."""
+        if self.drop_path_schedule == "constant":
+            return (self.stochastic_depth,) * self.depth
         if self.depth == 1:
             return (0.0,)
         return tuple(self.stochastic_depth * i / (self.depth - 1) for i in range(self.depth))
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.num_registers
+        """Tokens before the patches in the self-attention blocks (CaiT's class token enters later)."""
+        return 0 if self.class_attention_depth else int(self.class_token) + self.num_registers
 
     @property
     def num_tokens(self) -> int:
@@ -218,85 +267,3 @@ class ViTConfig:
         if not isinstance(d, dict):
             raise ValueError(f"ViTConfig JSON must be an object, got {type(d).__name__}")
         return cls.from_dict(d)
-
-
-# Table 1 of Dosovitskiy et al. 2020 (arXiv:2010.11929) for B, L, H; Ti and S from Touvron et al.
-# 2021 (DeiT, arXiv:2012.12877) and Steiner et al. 2021 (arXiv:2106.10270), as big_vision lists them.
-VIT_SIZES: dict[str, dict[str, int]] = {
-    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
-}
-
-# Small models for 32x32 (CIFAR) and 28x28 (Fashion-MNIST) images, trained from scratch.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The CIFAR-10 notebook model this project grew from: 6 layers, width 128, 8 heads, MLP 256.
-    "cifar-notebook": dict(
-        image_size=32,
-        patch_size=4,
-        width=128,
-        depth=6,
-        num_heads=8,
-        mlp_dim=256,
-        num_classes=10,
-        pool="token",
-    ),
-    "cifar-s": dict(
-        image_size=32,
-        patch_size=4,
-        width=192,
-        depth=9,
-        num_heads=3,
-        mlp_dim=384,
-        num_classes=10,
-        pool="token",
-    ),
-    "fmnist-tiny": dict(
-        image_size=28,
-        patch_size=4,
-        in_channels=1,
-        width=64,
-        depth=4,
-        num_heads=4,
-        mlp_dim=128,
-        num_classes=10,
-        pool="token",
-    ),
-    "fmnist-s": dict(
-        image_size=28,
-        patch_size=4,
-        in_channels=1,
-        width=128,
-        depth=6,
-        num_heads=8,
-        mlp_dim=256,
-        num_classes=10,
-        pool="token",
-    ),
-}
-
-_VARIANT_RE = re.compile(r"^(Ti|S|B|L|H)/(\d+)$")
-
-
-def variant_names() -> list[str]:
-    return [f"{s}/{{patch}}" for s in VIT_SIZES] + list(PRESETS)
-
-
-def variant(name: str, **overrides: Any) -> ViTConfig:
-    """A named model: a paper size with a patch size ("B/16", "Ti/4") or a preset ("cifar-notebook").
-
-    Overrides replace any field, e.g. `variant("B/16", num_classes=10, image_size=384)`.
-    """
-    m = _VARIANT_RE.match(name)
-    if m:
-        fields: dict[str, Any] = dict(VIT_SIZES[m.group(1)], patch_size=int(m.group(2)))
-    elif name in PRESETS:
-        fields = dict(PRESETS[name])
-    else:
-        raise ValueError(
-            f"unknown variant {name!r}: expected SIZE/PATCH with SIZE in {list(VIT_SIZES)} "
-            f"(e.g. 'B/16') or a preset in {list(PRESETS)}"
-        )
-    return ViTConfig(**{**fields, **overrides})

@@ -56,8 +56,26 @@ def softmax_vjp(probs, gp):  # [..., n] -> [..., n]
     return probs * (gp - (gp * probs).sum(axis=-1, keepdims=True))
 
 
+def mix_heads_vjp(x, gy, kernel, bias):
+    # x, gy [n, heads, tq, t] -> (gx [n, heads, tq, t], {kernel [heads, heads], bias [heads]})
+    gx, grads = dense_vjp(np.moveaxis(x, 1, -1), np.moveaxis(gy, 1, -1), kernel, bias)
+    return np.moveaxis(gx, -1, 1), grads
+
+
 def attention_vjp(
-    x_q, x_kv, gy, query, key, value, out, num_heads: int, eps: float, q_norm=None, k_norm=None
+    x_q,
+    x_kv,
+    gy,
+    query,
+    key,
+    value,
+    out,
+    num_heads: int,
+    eps: float,
+    q_norm=None,
+    k_norm=None,
+    talk_logits=None,
+    talk_weights=None,
 ):
     # x_q [n, tq, d], x_kv [n, t, d], gy [n, tq, d] -> (g x_q, g x_kv, grads like the attention's params)
     q_raw = ref.split_heads(ref.dense(x_q, **query), num_heads)
@@ -68,14 +86,24 @@ def attention_vjp(
         q = ref.layer_norm(q_raw, **q_norm, eps=eps)
         k = ref.layer_norm(k_raw, **k_norm, eps=eps)
     scale = q.shape[-1] ** -0.5
-    probs = ref.softmax((q * scale) @ k.swapaxes(-1, -2))
-    context = ref.merge_heads(probs @ v)
+    raw_scores = scores = (q * scale) @ k.swapaxes(-1, -2)
+    if talk_logits is not None:
+        scores = ref.mix_heads(raw_scores, **talk_logits)
+    probs = weights = ref.softmax(scores)
+    if talk_weights is not None:
+        weights = ref.mix_heads(probs, **talk_weights)
+    context = ref.merge_heads(weights @ v)
 
     grads = {}
     g_context, grads["out"] = dense_vjp(context, gy, **out)
     g_context = ref.split_heads(g_context, num_heads)
-    g_v = probs.swapaxes(-1, -2) @ g_context
-    g_scores = softmax_vjp(probs, g_context @ v.swapaxes(-1, -2))
+    g_v = weights.swapaxes(-1, -2) @ g_context
+    g_probs = g_context @ v.swapaxes(-1, -2)
+    if talk_weights is not None:
+        g_probs, grads["talk_weights"] = mix_heads_vjp(probs, g_probs, **talk_weights)
+    g_scores = softmax_vjp(probs, g_probs)
+    if talk_logits is not None:
+        g_scores, grads["talk_logits"] = mix_heads_vjp(raw_scores, g_scores, **talk_logits)
     g_q = (g_scores @ k) * scale
     g_k = g_scores.swapaxes(-1, -2) @ (q * scale)
     if q_norm is not None:
@@ -94,12 +122,24 @@ def feed_forward_vjp(x, gy, fc1, fc2, approximate: str):  # x, gy [..., d] -> (g
     return gx, {"fc1": g_fc1, "fc2": g_fc2}
 
 
-def block_vjp(x, gy, cfg: ViTConfig, norm1, attn, norm2, mlp, ls1=None, ls2=None):
+def block_vjp(x, gy, cfg: ViTConfig, **block_params):
     # x, gy [n, t, d] -> (gx [n, t, d], grads like the block's params)
+    return _queries_block_vjp(x, x.shape[1], gy, cfg, **block_params)
+
+
+def class_block_vjp(x, cls, gy, cfg: ViTConfig, **block_params):
+    # patches [n, p, d], class token [n, 1, d], gy [n, 1, d] -> (g patches, g class token, grads)
+    gu, grads = _queries_block_vjp(np.concatenate([cls, x], axis=1), 1, gy, cfg, **block_params)
+    return gu[:, 1:], gu[:, :1], grads
+
+
+def _queries_block_vjp(u, tq, gy, cfg: ViTConfig, norm1, attn, norm2, mlp, ls1=None, ls2=None):
+    # u [n, t, d], gy [n, tq, d] -> (gu [n, t, d], grads): a block whose queries and residual stream are
+    # u's first tq rows, attending over all of u (a self-attention block: tq = t; a class block: 1)
     eps, grads = cfg.ln_eps, {}
-    h1 = ref.layer_norm(x, **norm1, eps=eps)
-    a, _ = ref.attention(h1, h1, **attn, num_heads=cfg.num_heads, eps=eps)
-    x1 = x + (a if ls1 is None else a * ls1["scale"])
+    h1 = ref.layer_norm(u, **norm1, eps=eps)
+    a, _ = ref.attention(h1[:, :tq], h1, **attn, num_heads=cfg.num_heads, eps=eps)
+    x1 = u[:, :tq] + ref.layer_scale(a, ls1)
     h2 = ref.layer_norm(x1, **norm2, eps=eps)
 
     g_m = gy
@@ -115,9 +155,11 @@ def block_vjp(x, gy, cfg: ViTConfig, norm1, attn, norm2, mlp, ls1=None, ls2=None
     if ls1 is not None:
         grads["ls1"] = {"scale": _sum_to(g_x1 * a, ls1["scale"].shape)}
         g_a = g_x1 * ls1["scale"]
-    g_q, g_kv, grads["attn"] = attention_vjp(h1, h1, g_a, **attn, num_heads=cfg.num_heads, eps=eps)
-    g_h1, grads["norm1"] = layer_norm_vjp(x, g_q + g_kv, **norm1, eps=eps)
-    return g_x1 + g_h1, grads
+    g_q, g_h1, grads["attn"] = attention_vjp(h1[:, :tq], h1, g_a, **attn, num_heads=cfg.num_heads, eps=eps)
+    g_h1[:, :tq] += g_q
+    gu, grads["norm1"] = layer_norm_vjp(u, g_h1, **norm1, eps=eps)
+    gu[:, :tq] += g_x1
+    return gu, grads
 
 
 def map_head_vjp(x, gy, cfg: ViTConfig, probe, attn, norm, mlp):
@@ -202,18 +244,42 @@ def _backward(cfg: ViTConfig, tree: dict, images, out: dict, g_logits) -> dict[s
     else:
         g = pool_vjp(g, cfg, encoded.shape)
     if not cfg.fc_norm:
-        g, grads["norm"] = layer_norm_vjp(out[f"block_{cfg.depth - 1}"], g, **tree["norm"], eps=eps)
+        g, grads["norm"] = layer_norm_vjp(_pre_norm(cfg, out), g, **tree["norm"], eps=eps)
+    if cfg.class_attention_depth:
+        g, grads["cls_token"], grads["class_blocks"] = _class_attention_vjp(cfg, tree, out, g)
     grads["blocks"] = {}
     for i in reversed(range(cfg.depth)):
         block_input = out["tokens"] if i == 0 else out[f"block_{i - 1}"]
         g, grads["blocks"][str(i)] = block_vjp(block_input, g, cfg, **tree["blocks"][str(i)])
+    prefix_cls = None if cfg.class_attention_depth else tree.get("cls_token")
     g, token_grads = add_tokens_and_posemb_vjp(
-        g, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed")
+        g, cfg, prefix_cls, tree.get("reg_tokens"), tree.get("pos_embed")
     )
     grads |= token_grads
     g_images, grads["patch_embed"] = embed_patches_vjp(images, g, cfg, **tree["patch_embed"])
     flat = flatten(grads)
     return {**{k: flat[k] for k in param_shapes(cfg)}, "images": g_images}
+
+
+def _pre_norm(cfg: ViTConfig, out: dict):  # -> [n, t, d]: what the encoder norm normalizes
+    tokens = out[f"block_{cfg.depth - 1}"]
+    if not cfg.class_attention_depth:
+        return tokens
+    return np.concatenate([out[f"class_block_{cfg.class_attention_depth - 1}"], tokens], axis=1)
+
+
+def _class_attention_vjp(cfg: ViTConfig, tree: dict, out: dict, g):
+    # g [n, 1 + p, d] on [class, patches] -> (g patches [n, p, d], g cls_token [d], class blocks' grads)
+    # The patches get the norm's cotangent plus, from every class block, that of their keys and values.
+    patches = out[f"block_{cfg.depth - 1}"]
+    g_cls, g_patches = g[:, :1], g[:, 1:].copy()
+    cls_token = tree["cls_token"]
+    grads = {}
+    for j in reversed(range(cfg.class_attention_depth)):
+        cls = out[f"class_block_{j - 1}"] if j else np.broadcast_to(cls_token, (len(patches), 1, cfg.width))
+        g_x, g_cls, grads[str(j)] = class_block_vjp(patches, cls, g_cls, cfg, **tree["class_blocks"][str(j)])
+        g_patches += g_x
+    return g_patches, _sum_to(g_cls, cls_token.shape), grads
 
 
 def vjp(cfg: ViTConfig, params: dict[str, np.ndarray], images, cotangent) -> dict[str, np.ndarray]:

@@ -58,6 +58,45 @@ def fd_errors(
     return errors
 
 
+def random_small_config(rng: np.random.Generator) -> ViTConfig:
+    """A small model (8x12 images in 4x4 patches, width 16, 4 heads, depth 2) with its knobs drawn:
+    one draw in three is a CaiT (`vitspec gradcheck` checks both kinds)."""
+    fields = dict(image_size=(8, 12), patch_size=(4, 4), width=16, depth=2, num_heads=4, mlp_dim=32)
+    common = dict(
+        num_classes=5,
+        qkv_bias=bool(rng.integers(2)),
+        layer_scale=[None, 0.1][rng.integers(2)],
+        gelu=str(rng.choice(["exact", "tanh"])),
+    )
+    if rng.integers(3) == 0:
+        return ViTConfig(
+            **fields,
+            **common,
+            talking_heads=bool(rng.integers(2)),
+            class_attention_depth=int(rng.integers(1, 3)),
+            class_attention_mlp_dim=int(rng.choice([8, 32])),
+            posemb=str(rng.choice(["learned", "sincos2d", "none"])),
+            posemb_on_cls=False,
+        )
+    pool = str(rng.choice(["token", "gap", "map"]))
+    class_token = pool == "token" or bool(rng.integers(2))
+    registers = int(rng.integers(0, 3))
+    posemb = str(rng.choice(["learned", "sincos2d", "none"]))
+    on_cls = False if posemb == "sincos2d" and (class_token or registers) else bool(rng.integers(2))
+    return ViTConfig(
+        **fields,
+        **common,
+        pool=pool,
+        class_token=class_token,
+        num_registers=registers,
+        posemb=posemb,
+        posemb_on_cls=on_cls,
+        fc_norm=bool(rng.integers(2)),
+        qk_norm=bool(rng.integers(2)),
+        representation_size=[None, 6][rng.integers(2)],
+    )
+
+
 def random_params(cfg: ViTConfig, seed: int, dtype: type = np.float64) -> dict[str, np.ndarray]:
     """Every parameter drawn away from its init (nonzero head, LN scales off 1, random biases).
 

@@ -30,20 +30,25 @@ def _dense(prefix: str, d_in: int, d_out: int, bias: bool = True) -> dict[str, t
     return shapes
 
 
-def _attention(prefix: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool) -> dict[str, tuple[int, ...]]:
-    d = cfg.width
+def _attention(
+    prefix: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool, talking_heads: bool = False
+) -> dict[str, tuple[int, ...]]:
+    d, h = cfg.width, cfg.num_heads
     shapes: dict[str, tuple[int, ...]] = {}
     for name in ("query", "key", "value"):
         shapes |= _dense(f"{prefix}/{name}", d, d, bias=qkv_bias)
     if qk_norm:
         shapes |= _layer_norm(f"{prefix}/q_norm", cfg.head_dim)
         shapes |= _layer_norm(f"{prefix}/k_norm", cfg.head_dim)
+    if talking_heads:  # [heads in, heads out]: the logits' mix, then the weights'
+        shapes |= _dense(f"{prefix}/talk_logits", h, h) | _dense(f"{prefix}/talk_weights", h, h)
     shapes |= _dense(f"{prefix}/out", d, d)
     return shapes
 
 
-def _mlp(prefix: str, cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
-    return _dense(f"{prefix}/fc1", cfg.width, cfg.mlp_dim) | _dense(f"{prefix}/fc2", cfg.mlp_dim, cfg.width)
+def _mlp(prefix: str, cfg: ViTConfig, hidden: int | None = None) -> dict[str, tuple[int, ...]]:
+    hidden = hidden or cfg.mlp_dim
+    return _dense(f"{prefix}/fc1", cfg.width, hidden) | _dense(f"{prefix}/fc2", hidden, cfg.width)
 
 
 def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
@@ -51,6 +56,8 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     shapes = _stem_shapes(cfg)
     for i in range(cfg.depth):
         shapes |= _block_shapes(cfg, i)
+    for j in range(cfg.class_attention_depth):
+        shapes |= _class_block_shapes(cfg, j)
     return shapes | _tail_shapes(cfg)
 
 
@@ -58,6 +65,8 @@ def tree_size(cfg: ViTConfig) -> tuple[int, int]:
     """(tensors, values) of `param_shapes(cfg)` without building it, in time independent of depth:
     a stored config is checked against what its file holds before its tree is built."""
     parts = [(_stem_shapes(cfg), 1), (_block_shapes(cfg, 0), cfg.depth), (_tail_shapes(cfg), 1)]
+    if cfg.class_attention_depth:
+        parts.append((_class_block_shapes(cfg, 0), cfg.class_attention_depth))
     tensors = sum(len(shapes) * n for shapes, n in parts)
     return tensors, sum(math.prod(s) * n for shapes, n in parts for s in shapes.values())
 
@@ -81,11 +90,25 @@ def _stem_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
 def _block_shapes(cfg: ViTConfig, i: int) -> dict[str, tuple[int, ...]]:
     d, b = cfg.width, f"blocks/{i}"
     shapes = _layer_norm(f"{b}/norm1", d)
-    shapes |= _attention(f"{b}/attn", cfg, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm)
+    shapes |= _attention(f"{b}/attn", cfg, cfg.qkv_bias, cfg.qk_norm, cfg.talking_heads)
     if cfg.layer_scale is not None:
         shapes[f"{b}/ls1/scale"] = (d,)
     shapes |= _layer_norm(f"{b}/norm2", d)
     shapes |= _mlp(f"{b}/mlp", cfg)
+    if cfg.layer_scale is not None:
+        shapes[f"{b}/ls2/scale"] = (d,)
+    return shapes
+
+
+def _class_block_shapes(cfg: ViTConfig, j: int) -> dict[str, tuple[int, ...]]:
+    """CaiT's class-attention block: a block's parameters, its own MLP width, plain attention."""
+    d, b = cfg.width, f"class_blocks/{j}"
+    shapes = _layer_norm(f"{b}/norm1", d)
+    shapes |= _attention(f"{b}/attn", cfg, qkv_bias=cfg.qkv_bias, qk_norm=False)
+    if cfg.layer_scale is not None:
+        shapes[f"{b}/ls1/scale"] = (d,)
+    shapes |= _layer_norm(f"{b}/norm2", d)
+    shapes |= _mlp(f"{b}/mlp", cfg, cfg.class_attention_mlp_dim)
     if cfg.layer_scale is not None:
         shapes[f"{b}/ls2/scale"] = (d,)
     return shapes
@@ -152,6 +175,10 @@ def _init_one(rng: np.random.Generator, name: str, shape: tuple[int, ...], cfg: 
     if name == "map_head/probe":
         # big_vision: xavier_uniform on a (1, 1, width) tensor, i.e. fan_in 1, fan_out width.
         return _xavier_uniform(rng, (1, shape[0]))[0]
+    if name.endswith(("talk_logits/kernel", "talk_weights/kernel")):
+        # CaiT's own (timm's trunc_normal_(std=.02), whose +-2 cut is ~100 std away): big_vision has
+        # no talking heads to follow.
+        return rng.normal(0.0, 0.02, size=shape)
     if leaf == "kernel":
         return _xavier_uniform(rng, shape)
     if "/mlp/" in name and leaf == "bias":

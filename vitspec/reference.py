@@ -69,29 +69,64 @@ def merge_heads(x):  # [n, heads, t, d/heads] -> [n, t, d]
     return x.transpose(0, 2, 1, 3).reshape(n, t, h * dh)
 
 
-def attention(x_q, x_kv, query, key, value, out, num_heads: int, eps: float, q_norm=None, k_norm=None):
-    # [n, tq, d], [n, t, d] -> ([n, tq, d], probabilities [n, heads, tq, t])
+def mix_heads(x, kernel, bias):  # [n, heads, tq, t] -> [n, heads, tq, t]: talking heads' dense over heads
+    return np.moveaxis(dense(np.moveaxis(x, 1, -1), kernel, bias), -1, 1)
+
+
+def attention(
+    x_q,
+    x_kv,
+    query,
+    key,
+    value,
+    out,
+    num_heads: int,
+    eps: float,
+    q_norm=None,
+    k_norm=None,
+    talk_logits=None,
+    talk_weights=None,
+):
+    # [n, tq, d], [n, t, d] -> ([n, tq, d], weights on v [n, heads, tq, t])
     q = split_heads(dense(x_q, **query), num_heads)
     k = split_heads(dense(x_kv, **key), num_heads)
     v = split_heads(dense(x_kv, **value), num_heads)
     if q_norm is not None:
         q = layer_norm(q, **q_norm, eps=eps)
         k = layer_norm(k, **k_norm, eps=eps)
-    probs = softmax((q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2))
-    return dense(merge_heads(probs @ v), **out), probs
+    scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)
+    if talk_logits is not None:
+        scores = mix_heads(scores, **talk_logits)
+    weights = softmax(scores)
+    if talk_weights is not None:
+        weights = mix_heads(weights, **talk_weights)
+    return dense(merge_heads(weights @ v), **out), weights
 
 
 def feed_forward(x, fc1, fc2, approximate: str):  # [..., d] -> [..., d]
     return dense(gelu(dense(x, **fc1), approximate), **fc2)
 
 
+def layer_scale(x, ls=None):  # [..., d] -> [..., d]; identity without LayerScale
+    return x if ls is None else x * ls["scale"]
+
+
 def block(x, cfg: ViTConfig, norm1, attn, norm2, mlp, ls1=None, ls2=None):
-    # [n, t, d] -> ([n, t, d], attention probabilities [n, heads, t, t])
+    # [n, t, d] -> ([n, t, d], attention weights [n, heads, t, t])
     h = layer_norm(x, **norm1, eps=cfg.ln_eps)
     a, probs = attention(h, h, **attn, num_heads=cfg.num_heads, eps=cfg.ln_eps)
-    x = x + (a if ls1 is None else a * ls1["scale"])
+    x = x + layer_scale(a, ls1)
     m = feed_forward(layer_norm(x, **norm2, eps=cfg.ln_eps), **mlp, approximate=cfg.gelu)
-    return x + (m if ls2 is None else m * ls2["scale"]), probs
+    return x + layer_scale(m, ls2), probs
+
+
+def class_block(x, cls, cfg: ViTConfig, norm1, attn, norm2, mlp, ls1=None, ls2=None):
+    # patches [n, p, d], class token [n, 1, d] -> ([n, 1, d], probabilities [n, heads, 1, 1 + p])
+    h = layer_norm(np.concatenate([cls, x], axis=1), **norm1, eps=cfg.ln_eps)
+    a, probs = attention(h[:, :1], h, **attn, num_heads=cfg.num_heads, eps=cfg.ln_eps)
+    cls = cls + layer_scale(a, ls1)
+    m = feed_forward(layer_norm(cls, **norm2, eps=cfg.ln_eps), **mlp, approximate=cfg.gelu)
+    return cls + layer_scale(m, ls2), probs
 
 
 def map_head(x, cfg: ViTConfig, probe, attn, norm, mlp):
@@ -177,20 +212,30 @@ def forward(
     """Logits for NHWC images, or with `intermediates`/`attention_maps` the dict of named values.
 
     Intermediates: patch_embed [n, patches, d], tokens [n, t, d] (block 0's input), block_{i}
-    [n, t, d], encoded [n, t, d], pooled, pre_logits, logits; attention maps: attn_{i}
-    [n, heads, t, t] and, for pool 'map', map_attn [n, heads, 1, patches].
+    [n, t, d], for CaiT class_block_{j} [n, 1, d] (the class token after class block j), encoded
+    [n, t, d] ([n, 1 + patches, d] for CaiT), pooled, pre_logits, logits; attention maps: attn_{i}
+    [n, heads, t, t] (the weights on v: after the talking-heads mix), for pool 'map', map_attn
+    [n, heads, 1, patches], for CaiT class_attn_{j} [n, heads, 1, 1 + patches].
     """
     validate_params(cfg, params)
     images = check_images(cfg, images)
     tree = unflatten({k: np.asarray(v, dtype=images.dtype) for k, v in params.items()})
     out: dict[str, np.ndarray] = {}
     x = out["patch_embed"] = embed_patches(images, cfg, **tree["patch_embed"])
+    cls_token = tree.get("cls_token")
+    prefix_cls = None if cfg.class_attention_depth else cls_token  # CaiT's enters after the blocks
     x = out["tokens"] = add_tokens_and_posemb(
-        x, cfg, tree.get("cls_token"), tree.get("reg_tokens"), tree.get("pos_embed")
+        x, cfg, prefix_cls, tree.get("reg_tokens"), tree.get("pos_embed")
     )
     for i in range(cfg.depth):
         x, out[f"attn_{i}"] = block(x, cfg, **tree["blocks"][str(i)])
         out[f"block_{i}"] = x
+    if cfg.class_attention_depth:
+        cls = np.broadcast_to(cls_token, (x.shape[0], 1, cfg.width))
+        for j in range(cfg.class_attention_depth):
+            cls, out[f"class_attn_{j}"] = class_block(x, cls, cfg, **tree["class_blocks"][str(j)])
+            out[f"class_block_{j}"] = cls
+        x = np.concatenate([cls, x], axis=1)
     if not cfg.fc_norm:
         x = layer_norm(x, **tree["norm"], eps=cfg.ln_eps)
     out["encoded"] = x
@@ -211,8 +256,9 @@ def forward(
 
 
 def is_attention_map(name: str) -> bool:
-    """Whether a named output is an attention map (attn_{i}, map_attn) rather than an intermediate."""
-    return name.startswith("attn_") or name == "map_attn"
+    """Whether a named output is an attention map (attn_{i}, class_attn_{j}, map_attn) rather than an
+    intermediate."""
+    return name.startswith(("attn_", "class_attn_")) or name == "map_attn"
 
 
 def select_outputs(out: dict, intermediates: bool, attention_maps: bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import vitspec
+from backends.flax_vit.cait import module_for
 from backends.flax_vit.convert import from_reference
 from backends.flax_vit.model import VisionTransformer
 
@@ -13,4 +14,4 @@ def from_checkpoint(path, **module_kwargs) -> tuple[VisionTransformer, dict]:
     `module_kwargs` (dtype, param_dtype) go to the module; the variables keep the file's dtype.
     """
     cfg, params = vitspec.load(path)
-    return VisionTransformer(config=cfg, **module_kwargs), from_reference(params, cfg)
+    return module_for(cfg, **module_kwargs), from_reference(params, cfg)

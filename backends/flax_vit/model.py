@@ -14,6 +14,8 @@ load by name. Knobs big_vision lacks get names in the same style:
             {query, key, value}/{kernel [D, H, dh], bias [H, dh]}   (no bias if not qkv_bias)
             {query_ln, key_ln}/{scale, bias} [dh]           qk_norm; flax's own MHDPA names,
                                                             with a bias flax's version lacks
+            {talk_logits, talk_weights}/{kernel [H, H],     talking heads (CaiT; not in big_vision):
+                bias [H]}                                   mixes of the head axis, [heads in, out]
             out/{kernel [H, dh, D], bias [D]}
         LayerScale_0, LayerScale_1/scale [D]                layer scale (not in big_vision)
         MlpBlock_0/{Dense_0, Dense_1}/{kernel, bias}
@@ -22,13 +24,16 @@ load by name. Knobs big_vision lacks get names in the same style:
     fc_norm/{scale, bias}                                   norm after pooling (not in big_vision)
     pre_logits/{kernel, bias}, head/{kernel, bias}
 
+CaiT configs (class_attention_depth > 0) are applied by backends/flax_vit/cait.py's `CaiT`, a
+subclass on the same stem and blocks; `module_for(cfg)` picks the module for a config.
+
 Images are NHWC. Attention runs through `jax.nn.dot_product_attention` (which may dispatch to a
 fused kernel), except where the explicit softmax(q k^T / sqrt(dh)) v is needed or pays: where the
-probabilities themselves are needed (maps, attention dropout); in float64, because that function
-always takes its softmax in float32, which would cap a float64 model at float32 accuracy; and when
-training on the CPU, where the library function is plain XLA whose backward measured slower (the
-training step 1.07x faster at cifar-notebook, 1.03x at S/16 with the explicit form, while the
-forward pass is faster with the library function; bench/PERFORMANCE.md).
+probabilities themselves are needed (maps, attention dropout, talking heads); in float64, because
+that function always takes its softmax in float32, which would cap a float64 model at float32
+accuracy; and when training on the CPU, where the library function is plain XLA whose backward
+measured slower (the training step 1.07x faster at cifar-notebook, 1.03x at S/16 with the explicit
+form, while the forward pass is faster with the library function; bench/PERFORMANCE.md).
 
 One module past 300 lines: the linen modules nest as big_vision's tree does (block, attention,
 MLP, MAP head, model), and this docstring is that tree; split, the names would lose their map.
@@ -90,15 +95,14 @@ class MlpBlock(nn.Module):
         return nn.Dense(width, **dense)(x)
 
 
-def attention_probabilities(query, key):
-    """softmax(q k^T / sqrt(dh)): [n, tq, heads, dh], [n, t, heads, dh] -> [n, heads, tq, t].
+def attention_logits(query, key):
+    """q k^T / sqrt(dh): [n, tq, heads, dh], [n, t, heads, dh] -> [n, heads, tq, t].
 
-    Softmax in at least float32 (as jax.nn.dot_product_attention), probabilities in the input dtype.
+    In at least float32: the softmax is taken there (as jax.nn.dot_product_attention takes it).
     """
     logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
     query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
-    logits = jnp.einsum("nqhd,nkhd->nhqk", query, key, preferred_element_type=logits_dtype)
-    return jax.nn.softmax(logits, axis=-1).astype(key.dtype)
+    return jnp.einsum("nqhd,nkhd->nhqk", query, key, preferred_element_type=logits_dtype)
 
 
 def fused_attention_pays(training: bool) -> bool:
@@ -112,6 +116,7 @@ class MultiHeadDotProductAttention(nn.Module):
     qk_norm: bool = False
     ln_eps: float = 1e-6
     dropout: float = 0.0
+    talking_heads: bool = False
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
@@ -127,19 +132,36 @@ class MultiHeadDotProductAttention(nn.Module):
         if self.qk_norm:
             q = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="query_ln")(q)
             k = layer_norm(self.ln_eps, self.dtype, self.param_dtype, name="key_ln")(k)
-        needs_probs = return_probs or (self.dropout > 0.0 and not deterministic)
+        needs_probs = return_probs or (self.dropout > 0.0 and not deterministic) or self.talking_heads
         # One key: jax 0.10's dot_product_attention in bfloat16 on the CPU does not compile ("Algorithm
         # not supported by the ElementalIrEmitter: ALG_DOT_BF16_BF16_F32"), and its softmax is 1 anyway.
         one_key = k.shape[1] == 1
         if (
             needs_probs or q.dtype == jnp.float64 or one_key or not fused_attention_pays(not deterministic)
         ):  # see the docstring
-            probs = attention_probabilities(q, k)
+            probs = self._probabilities(q, k)
             mixed = jnp.einsum("nhqk,nkhd->nqhd", nn.Dropout(self.dropout)(probs, deterministic), v)
         else:
             probs, mixed = None, jax.nn.dot_product_attention(q, k, v)
         y = nn.DenseGeneral(width, axis=(-2, -1), name="out", **project)(mixed)
         return y, (probs if return_probs else None)
+
+    def _probabilities(self, q, k):  # -> [n, heads, tq, t] in k's dtype
+        logits = attention_logits(q, k)
+        if self.talking_heads:
+            logits = self._talk("talk_logits", logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if self.talking_heads:  # after the softmax: the rows need not sum to 1 any more
+            probs = self._talk("talk_weights", probs)
+        return probs.astype(k.dtype)
+
+    def _talk(self, name: str, s):
+        """Talking heads (Shazeer et al. 2020): s[n, h, q, k] -> sum_h s * kernel[h, g] + bias[g], in
+        s's dtype (the logits': at least float32)."""
+        mix = nn.Dense(
+            self.num_heads, dtype=s.dtype, param_dtype=self.param_dtype, kernel_init=shape_only, name=name
+        )
+        return jnp.moveaxis(mix(jnp.moveaxis(s, 1, -1)), -1, 1)
 
 
 class Encoder1DBlock(nn.Module):
@@ -156,7 +178,13 @@ class Encoder1DBlock(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         y = layer_norm(cfg.ln_eps, **kw)(x)
         y, probs = MultiHeadDotProductAttention(
-            cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.ln_eps, cfg.attention_dropout, **kw
+            cfg.num_heads,
+            cfg.qkv_bias,
+            cfg.qk_norm,
+            cfg.ln_eps,
+            cfg.attention_dropout,
+            cfg.talking_heads,
+            **kw,
         )(y, y, deterministic=deterministic, return_probs=return_probs)
         x = x + self._residual_branch(y, deterministic)
         y = layer_norm(cfg.ln_eps, **kw)(x)
@@ -258,6 +286,10 @@ class VisionTransformer(nn.Module):
         self, images, *, train: bool = False, intermediates: bool = False, attention_maps: bool = False
     ):
         cfg = self.config
+        if cfg.class_attention_depth:  # another forward pass: this one would compute a ViT
+            raise ValueError(
+                "a CaiT config (class_attention_depth > 0): apply it with backends.flax_vit.CaiT"
+            )
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         out = {}
         x = out["patch_embed"] = self._embed_patches(images)
@@ -312,16 +344,21 @@ class VisionTransformer(nn.Module):
         if cfg.num_registers:
             prefix.append(self.param("reg", shape_only, (1, cfg.num_registers, d), self.param_dtype))
         prefix = [jnp.broadcast_to(jnp.asarray(t, x.dtype), (n, t.shape[1], d)) for t in prefix]
+        if cfg.posemb == "learned" and cfg.posemb_on_cls:
+            return self._add_posemb(jnp.concatenate([*prefix, x], axis=1))
+        return jnp.concatenate([*prefix, self._add_posemb(x)], axis=1)
+
+    def _add_posemb(self, x):  # [n, posemb_length, d] -> the same
+        cfg = self.config
         if cfg.posemb == "learned":
-            posemb = self.param("pos_embedding", shape_only, (1, cfg.posemb_length, d), self.param_dtype)
-            posemb = jnp.asarray(posemb, x.dtype)
-            if cfg.posemb_on_cls:
-                return jnp.concatenate([*prefix, x], axis=1) + posemb
-            x = x + posemb
-        elif cfg.posemb == "sincos2d":
+            posemb = self.param(
+                "pos_embedding", shape_only, (1, cfg.posemb_length, x.shape[-1]), self.param_dtype
+            )
+            return x + jnp.asarray(posemb, x.dtype)
+        if cfg.posemb == "sincos2d":
             # A float64 NumPy constant, rounded once to the computation dtype.
-            x = x + jnp.asarray(posemb_sincos2d(*cfg.grid_size, d), x.dtype)
-        return jnp.concatenate([*prefix, x], axis=1)
+            return x + jnp.asarray(posemb_sincos2d(*cfg.grid_size, x.shape[-1]), x.dtype)
+        return x
 
 
 def pool_tokens(x, cfg: ViTConfig):  # [n, t, d] -> [n, d] ([n, t, d] for pool 'none')

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from backends.flax_vit.cait import module_for
 from backends.flax_vit.convert import from_reference, mapping, to_reference
 from backends.flax_vit.loss import cross_entropy
 from backends.flax_vit.model import VisionTransformer
@@ -66,7 +67,7 @@ class FlaxBackend:
     ):
         self.cfg, self.recipe = cfg, recipe
         self.dtype, param_dtype = DTYPES[precision]
-        self.module = VisionTransformer(config=cfg, dtype=self.dtype, param_dtype=param_dtype)
+        self.module = module_for(cfg, dtype=self.dtype, param_dtype=param_dtype)
         self.params = as_tree(params, cfg, param_dtype)
         self.mu = jax.tree.map(jnp.zeros_like, self.params)
         self.nu = jax.tree.map(jnp.zeros_like, self.params)

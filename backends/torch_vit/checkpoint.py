@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 
+from torch import nn
+
 import vitspec
+from backends.torch_vit.cait import model_for
 from backends.torch_vit.convert import from_reference
-from backends.torch_vit.model import VisionTransformer
 
 
-def from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
+def from_checkpoint(path: str | os.PathLike) -> nn.Module:
     """The model of a vitspec checkpoint, in eval mode, in the checkpoint's floating dtype."""
     cfg, params = vitspec.load(path)
     state_dict = from_reference(params, cfg)
-    model = VisionTransformer(cfg).to(next(iter(state_dict.values())).dtype)
+    model = model_for(cfg).to(next(iter(state_dict.values())).dtype)
     model.load_state_dict(state_dict)
     return model.eval()

@@ -98,12 +98,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, cfg: ViTConfig, dropout: float):
+    def __init__(self, cfg: ViTConfig, dropout: float, hidden: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        hidden = hidden or cfg.mlp_dim
+        self.fc1 = nn.Linear(cfg.width, hidden)
         self.act = nn.GELU(approximate=GELU_APPROXIMATIONS[cfg.gelu])
         self.drop1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.fc2 = nn.Linear(hidden, cfg.width)
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x):  # [..., d] -> [..., d]

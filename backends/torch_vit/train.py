@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backends.torch_vit.cait import model_for
 from backends.torch_vit.convert import from_reference, mapping_table, to_reference
-from backends.torch_vit.model import VisionTransformer
 from vitspec.config import ViTConfig
 from vitspec.recipe import AdamState, Recipe, clip_scale, decays
 
@@ -83,7 +83,7 @@ class TorchBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = DTYPES[precision]
         self.autocast = precision == "bf16"
-        self.model = VisionTransformer(cfg).to(self.device, self.dtype)
+        self.model = model_for(cfg).to(self.device, self.dtype)
         self.model.load_state_dict(from_reference(params, cfg))
         self.params = dict(self.model.named_parameters())
         self.decays = decay_mask(cfg)

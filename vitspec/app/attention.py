@@ -9,7 +9,8 @@ the backend asked for; every backend gives the same maps.
 Rollout: each block's map averaged over heads, mixed with the identity for the residual stream
 (0.5 A + 0.5 I, rows renormalized), multiplied from the first block to the last; the row read out is
 the class token's, else the MAP probe's attention through the rollout, else (average pooling) the
-mean over patch rows. Images are resized to the model's size (bilinear) and normalized with
+mean over patch rows. A CaiT's are its class token's attention in the last class-attention block
+(what its paper shows). Images are resized to the model's size (bilinear) and normalized with
 --mean/--std (default: the dataset's statistics with --dataset, else 0.5/0.5 as big_vision).
 """
 
@@ -55,24 +56,29 @@ def attention_maps(backend: str, cfg: ViTConfig, params: dict, images: np.ndarra
     if backend == "torch":
         import torch
 
-        from backends.torch_vit import VisionTransformer, from_reference
+        from backends.torch_vit import from_reference, model_for
 
-        model = VisionTransformer(cfg).eval()
+        model = model_for(cfg).eval()
         model.load_state_dict(from_reference({k: v.astype(np.float32) for k, v in params.items()}, cfg))
         with torch.no_grad():
             maps = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), attention_maps=True)
         return {k: v.numpy() for k, v in maps.items()}
     if backend == "flax":
-        from backends.flax_vit import VisionTransformer, from_reference
+        from backends.flax_vit import from_reference, module_for
 
         variables = from_reference({k: v.astype(np.float32) for k, v in params.items()}, cfg)
-        maps = VisionTransformer(cfg).apply(variables, images, attention_maps=True)
+        maps = module_for(cfg).apply(variables, images, attention_maps=True)
         return {k: np.asarray(v) for k, v in maps.items()}
     raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
 def rollout(cfg: ViTConfig, maps: dict[str, np.ndarray]) -> np.ndarray:
     """Attention rollout onto the patch grid: [n, grid_h, grid_w], each map summing to 1."""
+    if cfg.class_attention_depth:
+        # CaiT: the class token's attention in the last class-attention block, as its paper shows
+        # (the talking-heads weights of the patch blocks are no distribution to roll out).
+        weights = last_block_heads(cfg, maps).mean(axis=1)
+        return weights / weights.sum(axis=(-2, -1), keepdims=True)
     n, _, tokens, _ = maps["attn_0"].shape
     flow = np.broadcast_to(np.eye(tokens), (n, tokens, tokens))
     for i in range(cfg.depth):
@@ -90,9 +96,12 @@ def rollout(cfg: ViTConfig, maps: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def last_block_heads(cfg: ViTConfig, maps: dict[str, np.ndarray]) -> np.ndarray:
-    """The last block's attention per head onto the patch grid: [n, heads, grid_h, grid_w]."""
+    """The last block's attention per head onto the patch grid: [n, heads, grid_h, grid_w] (CaiT's
+    last class-attention block)."""
     prefix = cfg.num_prefix_tokens
-    if cfg.pool == "map":
+    if cfg.class_attention_depth:
+        weights = maps[f"class_attn_{cfg.class_attention_depth - 1}"][:, :, 0, 1:]
+    elif cfg.pool == "map":
         weights = maps["map_attn"][:, :, 0]
     elif cfg.class_token:
         weights = maps[f"attn_{cfg.depth - 1}"][:, :, 0, prefix:]

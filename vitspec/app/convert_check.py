@@ -84,10 +84,10 @@ def run_target(dst: Path, fmt: str, cfg: ViTConfig, images: np.ndarray) -> tuple
 def _run_torch(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
     import torch
 
-    from backends.torch_vit import VisionTransformer
+    from backends.torch_vit import model_for
 
     state_dict = {k: torch.from_numpy(v) for k, v in read_tensors(dst)[0].items()}
-    model = VisionTransformer(cfg).double().eval()
+    model = model_for(cfg).double().eval()
     model.load_state_dict(state_dict, strict=True)  # the file's own names, not re-derived ones
     with torch.no_grad():
         return model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
@@ -97,12 +97,12 @@ def _run_flax(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
     import jax
     from flax import traverse_util
 
-    from backends.flax_vit import VisionTransformer
+    from backends.flax_vit import module_for
 
     flat = {k: v.astype(np.float64) for k, v in read_tensors(dst)[0].items()}
     tree = traverse_util.unflatten_dict(flat, sep="/")
     with jax.enable_x64(True):  # scoped: float64 here only, the process's default stays float32
-        return np.asarray(VisionTransformer(config=cfg).apply({"params": tree}, images))
+        return np.asarray(module_for(cfg).apply({"params": tree}, images))
 
 
 def _run_transformers(directory: Path, images: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 
 import vitspec
 from vitspec.config import ViTConfig
-from vitspec.gradcheck import REL_BOUND, fd_errors, random_images, random_params
+from vitspec.gradcheck import REL_BOUND, fd_errors, random_images, random_params, random_small_config
 
 
 def summary(cfg: ViTConfig, time_forward: bool, batch: int, repeats: int) -> None:
@@ -52,7 +52,7 @@ def gradcheck(examples: int, seed: int) -> bool:
     rng = np.random.default_rng(seed)
     worst_overall = 0.0
     for i in range(examples):
-        cfg = _random_small_config(rng)
+        cfg = random_small_config(rng)
         params = random_params(cfg, seed + i)
         images = random_images(cfg, 2, seed + i)
         labels = rng.integers(0, cfg.num_classes, size=2)
@@ -73,39 +73,12 @@ def gradcheck(examples: int, seed: int) -> bool:
             f"reg={cfg.num_registers} qk_norm={cfg.qk_norm} ls={cfg.layer_scale} fc_norm={cfg.fc_norm} "
             f"rep={cfg.representation_size} gelu={cfg.gelu}"
         )
+        if cfg.class_attention_depth:
+            knobs += f" cait: talking={cfg.talking_heads} class_blocks={cfg.class_attention_depth}"
         print(f"[{i + 1}/{examples}] {len(errors)} tensors, worst {name}: {errors[name]:.2e}   {knobs}")
     ok = worst_overall <= REL_BOUND
     print(f"\nmax relative error {worst_overall:.2e} (bound {REL_BOUND:g}): {'OK' if ok else 'FAILED'}")
     return ok
-
-
-def _random_small_config(rng: np.random.Generator) -> ViTConfig:
-    pool = str(rng.choice(["token", "gap", "map"]))
-    class_token = pool == "token" or bool(rng.integers(2))
-    registers = int(rng.integers(0, 3))
-    posemb = str(rng.choice(["learned", "sincos2d", "none"]))
-    on_cls = False if posemb == "sincos2d" and (class_token or registers) else bool(rng.integers(2))
-    return ViTConfig(
-        image_size=(8, 12),
-        patch_size=(4, 4),
-        in_channels=3,
-        width=16,
-        depth=2,
-        num_heads=4,
-        mlp_dim=32,
-        num_classes=5,
-        pool=pool,
-        class_token=class_token,
-        num_registers=registers,
-        posemb=posemb,
-        posemb_on_cls=on_cls,
-        fc_norm=bool(rng.integers(2)),
-        qk_norm=bool(rng.integers(2)),
-        qkv_bias=bool(rng.integers(2)),
-        layer_scale=[None, 0.1][rng.integers(2)],
-        representation_size=[None, 6][rng.integers(2)],
-        gelu=str(rng.choice(["exact", "tanh"])),
-    )
 
 
 def summary_main(argv: list[str] | None = None, prog: str = "vitspec summary") -> int:

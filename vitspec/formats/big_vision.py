@@ -6,11 +6,14 @@ MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`, `Transformer/encoder_
 `MAPHead_0`, `pre_logits`, `head`. Attention kernels keep flax's head axes: q/k/v [D, H, dh]
 (biases [H, dh]), out [H, dh, D], so the heads are visible. Knobs big_vision lacks use the names
 the flax backend (backends/flax_vit) gives them: `reg` [1, R, D], `query_ln`/`key_ln`,
-`LayerScale_0`/`LayerScale_1`, `fc_norm`; with those, every ViTConfig is expressible.
+`talk_logits`/`talk_weights` [H, H] (talking heads), `LayerScale_0`/`LayerScale_1`, `fc_norm`, and
+for CaiT `Transformer/classblock_{j}` (a block's names; backends/flax_vit/cait.py); with those,
+every ViTConfig is expressible.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -31,7 +34,9 @@ def dense_rules(ref: str, native: str, cfg: ViTConfig) -> list[Rule]:
     return [rule(f"{ref}/{leaf}", f"{native}/{leaf}", Layout.RESHAPE, cfg) for leaf in ("kernel", "bias")]
 
 
-def attention_rules(ref: str, native: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool) -> list[Rule]:
+def attention_rules(
+    ref: str, native: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool, talking_heads: bool = False
+) -> list[Rule]:
     """flax MultiHeadDotProductAttention: head-major columns of [D, D] are [D, H, dh] row-major."""
     d, h, dh = cfg.width, cfg.num_heads, cfg.head_dim
     rules = []
@@ -42,6 +47,9 @@ def attention_rules(ref: str, native: str, cfg: ViTConfig, qkv_bias: bool, qk_no
     if qk_norm:
         rules += norm_rules(f"{ref}/q_norm", f"{native}/query_ln", cfg)
         rules += norm_rules(f"{ref}/k_norm", f"{native}/key_ln", cfg)
+    if talking_heads:
+        rules += dense_rules(f"{ref}/talk_logits", f"{native}/talk_logits", cfg)
+        rules += dense_rules(f"{ref}/talk_weights", f"{native}/talk_weights", cfg)
     rules.append(rule(f"{ref}/out/kernel", f"{native}/out/kernel", Layout.RESHAPE, cfg, (h, dh, d)))
     rules.append(rule(f"{ref}/out/bias", f"{native}/out/bias", Layout.RESHAPE, cfg))
     return rules
@@ -51,6 +59,21 @@ def mlp_rules(ref: str, native: str, cfg: ViTConfig) -> list[Rule]:
     return dense_rules(f"{ref}/fc1", f"{native}/Dense_0", cfg) + dense_rules(
         f"{ref}/fc2", f"{native}/Dense_1", cfg
     )
+
+
+def block_rules(ref: str, native: str, cfg: ViTConfig, qk_norm: bool, talking_heads: bool) -> list[Rule]:
+    """A pre-norm block: a ViT's `encoderblock_{i}`, CaiT's `encoderblock_{i}` and `classblock_{j}`."""
+    rules = norm_rules(f"{ref}/norm1", f"{native}/LayerNorm_0", cfg)
+    rules += attention_rules(
+        f"{ref}/attn", f"{native}/MultiHeadDotProductAttention_0", cfg, cfg.qkv_bias, qk_norm, talking_heads
+    )
+    if cfg.layer_scale is not None:
+        rules.append(rule(f"{ref}/ls1/scale", f"{native}/LayerScale_0/scale", Layout.RESHAPE, cfg))
+    rules += norm_rules(f"{ref}/norm2", f"{native}/LayerNorm_1", cfg)
+    rules += mlp_rules(f"{ref}/mlp", f"{native}/MlpBlock_0", cfg)
+    if cfg.layer_scale is not None:
+        rules.append(rule(f"{ref}/ls2/scale", f"{native}/LayerScale_1/scale", Layout.RESHAPE, cfg))
+    return rules
 
 
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
@@ -65,17 +88,11 @@ def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[R
     if cfg.posemb == "learned":
         table.append(token_rule("pos_embed", "pos_embedding", cfg))
     for i in range(cfg.depth):
-        ref, native = f"blocks/{i}", f"Transformer/encoderblock_{i}"
-        table += norm_rules(f"{ref}/norm1", f"{native}/LayerNorm_0", cfg)
-        table += attention_rules(
-            f"{ref}/attn", f"{native}/MultiHeadDotProductAttention_0", cfg, cfg.qkv_bias, cfg.qk_norm
+        table += block_rules(
+            f"blocks/{i}", f"Transformer/encoderblock_{i}", cfg, cfg.qk_norm, cfg.talking_heads
         )
-        if cfg.layer_scale is not None:
-            table.append(rule(f"{ref}/ls1/scale", f"{native}/LayerScale_0/scale", Layout.RESHAPE, cfg))
-        table += norm_rules(f"{ref}/norm2", f"{native}/LayerNorm_1", cfg)
-        table += mlp_rules(f"{ref}/mlp", f"{native}/MlpBlock_0", cfg)
-        if cfg.layer_scale is not None:
-            table.append(rule(f"{ref}/ls2/scale", f"{native}/LayerScale_1/scale", Layout.RESHAPE, cfg))
+    for j in range(cfg.class_attention_depth):
+        table += block_rules(f"class_blocks/{j}", f"Transformer/classblock_{j}", cfg, False, False)
     if not cfg.fc_norm:
         table += norm_rules("norm", "Transformer/encoder_norm", cfg)
     if cfg.pool == "map":
@@ -105,6 +122,10 @@ def flax_facts(
     ph, pw, channels, width = require(native, "embedding/kernel", fmt).shape
     first = "Transformer/encoderblock_0"
     _, heads, _ = require(native, f"{first}/{attention}/query/kernel", fmt).shape
+    class_block = r"Transformer/classblock_(\d+)/LayerNorm_0/scale"
+    class_depth = (
+        count_blocks(native, class_block, fmt) if any(re.fullmatch(class_block, k) for k in native) else 0
+    )
     return Facts(
         width=int(width),
         depth=count_blocks(native, r"Transformer/encoderblock_(\d+)/LayerNorm_0/scale", fmt),
@@ -122,6 +143,9 @@ def flax_facts(
         fc_norm="fc_norm/scale" in native,
         map_head="MAPHead_0/probe" in native,
         heads=int(heads),
+        talking_heads=f"{first}/{attention}/talk_logits/kernel" in native,
+        class_attention_depth=class_depth,
+        class_attention_mlp_dim=optional_dim(native, "Transformer/classblock_0/MlpBlock_0/Dense_0/kernel", 1),
     )
 
 
@@ -151,6 +175,12 @@ BIG_VISION_POSEMB = {"learned": "learn", "sincos2d": "sincos2d"}
 def big_vision_construction(cfg: ViTConfig) -> str:
     """The big_vision `vit.Model` a file of this config applies in, then what its published code
     computes otherwise (each needs a change there, or the flax backend, which has every knob)."""
+    if cfg.class_attention_depth:
+        return (
+            "no big_vision model: big_vision has no CaiT (class-attention blocks"
+            + (", talking heads" if cfg.talking_heads else "")
+            + "); backends.flax_vit.CaiT applies this tree"
+        )
     kwargs = dict(
         num_classes=cfg.num_classes,
         patch_size=tuple(cfg.patch_size),
@@ -184,6 +214,7 @@ def big_vision_construction(cfg: ViTConfig) -> str:
             ("registers", cfg.num_registers),
             ("qk-norm", cfg.qk_norm),
             ("LayerScale", cfg.layer_scale),
+            ("talking heads", cfg.talking_heads),
             ("fc_norm", cfg.fc_norm),
             ("q/k/v without biases", not cfg.qkv_bias),
         )

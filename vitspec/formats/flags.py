@@ -43,6 +43,7 @@ READING_FLAGS = (
     ReadingFlag("qk_norm", "qk_norm", "--qk-norm", "no qk-norm", switch=True),
     ReadingFlag("layer_scale", "layer_scale", "--layer-scale", "no LayerScale", switch=True),
     ReadingFlag("fc_norm", "fc_norm", "--fc-norm", "the final LayerNorm before pooling", switch=True),
+    ReadingFlag("talking_heads", "talking_heads", "--talking-heads", "no talking heads", switch=True),
 )
 FLAGS = {flag.keyword: flag for flag in READING_FLAGS}
 SHOWN_BY_NAMES = tuple(flag.keyword for flag in READING_FLAGS if flag.absent)

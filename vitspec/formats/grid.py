@@ -24,8 +24,10 @@ def source_grid(
     facts: Facts, conv: Convention, given: Told, notes: list[Note]
 ) -> tuple[tuple[int, int], bool]:
     """The source patch grid and whether the prefix tokens have position-embedding rows."""
-    prefix = int(facts.class_token) + facts.num_registers
-    unseen = False if prefix else conv.posemb_on_cls  # without prefix tokens the choice changes nothing
+    # CaiT's class token enters after the position embedding: it never has a row.
+    cait = facts.class_attention_depth > 0
+    prefix = 0 if cait else int(facts.class_token) + facts.num_registers
+    unseen = False if prefix or cait else conv.posemb_on_cls  # without prefix tokens it changes nothing
     image = told_value("image_size", given, notes)
     grid = _grid_of_flag(image, facts.patch_size)
     rows = facts.posemb_rows

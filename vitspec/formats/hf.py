@@ -133,6 +133,11 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
         (cfg.layer_scale is None, "no LayerScale"),
         (not cfg.fc_norm, "no fc_norm (the encoder norm is before pooling)"),
         (
+            not cfg.class_attention_depth,
+            f"no class-attention blocks (CaiT; config: class_attention_depth={cfg.class_attention_depth})",
+        ),
+        (not cfg.talking_heads, "no talking heads"),
+        (
             cfg.representation_size in (None, cfg.width),
             f"the pooler is width x width (config: representation_size={cfg.representation_size})",
         ),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from vitspec.config import VIT_SIZES, ViTConfig
+from vitspec.config import ViTConfig
 from vitspec.formats.flags import (
     FLAGS,
     READING_FLAGS,
@@ -27,6 +27,7 @@ from vitspec.formats.flags import (
 )
 from vitspec.formats.grid import source_grid
 from vitspec.formats.table import FormatError
+from vitspec.variants import VIT_SIZES
 
 # LayerScale's init value is not stored; any value computes the same function from the stored gammas.
 LAYER_SCALE_PLACEHOLDER = 1.0
@@ -51,6 +52,10 @@ class Facts(NamedTuple):
     fc_norm: bool
     map_head: bool
     heads: int | None  # None where the layout does not show it
+    # CaiT (shown by names: talking-heads maps and class-attention blocks); a ViT's defaults.
+    talking_heads: bool = False
+    class_attention_depth: int = 0
+    class_attention_mlp_dim: int | None = None  # None: no class-attention blocks
 
 
 class Convention(NamedTuple):
@@ -77,7 +82,7 @@ def _check_shown_by_names(facts: Facts, given: Told) -> None:
 
 
 def standard_heads(width: int) -> int | None:
-    """Heads of the standard ViT size (vitspec.config.VIT_SIZES) of this width, if there is one."""
+    """Heads of the standard ViT size (vitspec.variants.VIT_SIZES) of this width, if there is one."""
     return next((dims["num_heads"] for dims in VIT_SIZES.values() if dims["width"] == width), None)
 
 
@@ -92,7 +97,8 @@ def _heads(facts: Facts, given: Told, fmt: str, notes: list[Note]) -> int:
     heads = told_value("heads", given, notes)
     if heads is not None:
         return heads
-    standard = standard_heads(facts.width)
+    # The standard sizes are ViTs': a CaiT without talking heads (whose maps show them) gets no guess.
+    standard = None if facts.class_attention_depth else standard_heads(facts.width)
     if standard is not None:
         notes.append(
             Note(
@@ -103,6 +109,10 @@ def _heads(facts: Facts, given: Told, fmt: str, notes: list[Note]) -> int:
             )
         )
         return standard
+    if facts.class_attention_depth:
+        raise FormatError(
+            f"a {fmt} CaiT without talking heads does not store its number of heads: pass --heads N"
+        )
     standard = ", ".join(f"{size}={dims['width']}" for size, dims in VIT_SIZES.items())
     raise FormatError(
         f"a {fmt} checkpoint does not store the number of heads, and width {facts.width} is no "
@@ -205,6 +215,9 @@ def config_from_facts(facts: Facts, conv: Convention, given: Told) -> tuple[ViTC
             qk_norm=facts.qk_norm,
             layer_scale=LAYER_SCALE_PLACEHOLDER if facts.layer_scale else None,
             num_registers=facts.num_registers,
+            talking_heads=facts.talking_heads,
+            class_attention_depth=facts.class_attention_depth,
+            class_attention_mlp_dim=facts.class_attention_mlp_dim,
             **numerics,
         )
     except ValueError as e:

@@ -4,8 +4,9 @@ A checkpoint without `head.weight` reads as num_classes=0, one without q/k/v bia
 qkv_bias=False: the file cannot tell a model without the part from a file that lost it. Each such
 value gets a note naming the absent parameters, found by building the format's table with the
 part turned on, so the names come from the table both directions use. The absence settles the
-value (no note) where the format cannot express the part (HF ViTs have no LayerScale) or where the
-part would replace parameters the file has (timm's fc_norm replaces `norm`). A note's value is
+value (no note) where the format cannot express the part (HF ViTs have no LayerScale), where no
+model of the kind read has it (a CaiT has no registers), or where the part would replace
+parameters the file has (timm's fc_norm replaces `norm`). A note's value is
 likewise settled where the format can express no other (HF's classifier reads the class token:
 pool 'token'). --strict refuses every value nothing settled, naming the flag that settles each.
 """
@@ -37,15 +38,19 @@ def absence_notes(layout: Format, cfg: ViTConfig, native_keys: Collection[str], 
     for keyword in SHOWN_BY_NAMES:
         if config_flag(cfg, keyword):
             continue
-        with_part = _with_part(cfg, keyword)
+        try:
+            with_part = _with_part(cfg, keyword)
+        except ValueError:  # no model of this kind has the part (a CaiT has no registers, qk-norm, ...)
+            continue
         if layout.cannot_express(with_part):
             continue
         names = [r.native for r in layout.build_table(with_part, native_keys)]
-        if has - set(names):
+        missing = [n for n in names if n not in has]
+        if has - set(names) or not missing:  # the part would replace names the file has, or has none
             continue
         flag = FLAGS[keyword]
         reading = f"{flag.field} {getattr(cfg, flag.field)}"
-        why = f"the checkpoint has no {_listed([n for n in names if n not in has])} ({flag.absent})"
+        why = f"the checkpoint has no {_listed(missing)} ({flag.absent})"
         if keyword in given:
             notes.append(Note(keyword, reading, f"{why}, as {given[keyword].source} says"))
         else:

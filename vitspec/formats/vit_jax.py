@@ -63,6 +63,11 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
         (not cfg.qk_norm, "no qk-norm"),
         (cfg.layer_scale is None, "no LayerScale"),
         (not cfg.fc_norm, "no fc_norm (the encoder norm is before pooling)"),
+        (
+            not cfg.class_attention_depth,
+            f"no class-attention blocks (CaiT; config: class_attention_depth={cfg.class_attention_depth})",
+        ),
+        (not cfg.talking_heads, "no talking heads"),
     ]
     return [reason for ok, reason in checks if not ok]
 

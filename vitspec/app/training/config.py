@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vitspec.app import datasets
-from vitspec.config import PRESETS
+from vitspec.variants import PRESETS
 
 # The command line says fashion-mnist (the dataset's own spelling); vitspec.app.datasets says fashion_mnist.
 DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion-mnist": "fashion_mnist"}
