@@ -79,7 +79,10 @@ def markdown(results: dict) -> str:
 
 def _table_row(row: dict) -> str:
     ratios = row.get("ours_over_fastest_peer")
-    ratio_text = ", ".join(_ratio_text(ratios[mode]) for mode in MODES) if ratios else ""
+    ratio_text = ""
+    if ratios:
+        has_peer = any(ratios.values())
+        ratio_text = ", ".join(_ratio_text(ratios[mode]) for mode in MODES) if has_peer else "no peer"
     return (
         f"| {row['model']} | {row['framework']}: {row['implementation']} | {row['forward']['batch']} "
         f"| {_rate_text(row['forward'])} | {_rate_text(row['train'])} | {_percent(row['forward'])} "

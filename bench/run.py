@@ -30,10 +30,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a tiny model at batch 2, 2 repeats: checks every implementation runs (< 60 s)",
+        help="a tiny ViT and a tiny CaiT at batch 2, 2 repeats: checks every implementation runs (< 60 s)",
     )
     parser.add_argument(
-        "--models", nargs="+", default=None, help="default: cifar-notebook S/16 B/16 (tiny with --quick)"
+        "--models",
+        nargs="+",
+        default=None,
+        help="default: cifar-notebook S/16 B/16 cait-xxs24-224 (tiny cait-tiny with --quick)",
     )
     parser.add_argument("--frameworks", nargs="+", choices=list(FRAMEWORKS), default=list(FRAMEWORKS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))

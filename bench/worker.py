@@ -47,6 +47,14 @@ def skipped(framework: str, implementation: str) -> str | None:
     return None
 
 
+# The peers are ViTs: a CaiT is measured by our backends and the NumPy reference only.
+CAIT_IMPLEMENTATIONS = {"ours", "reference"}
+
+
+def applies(implementation: str, spec: ModelSpec) -> bool:
+    return not spec.is_cait or implementation in CAIT_IMPLEMENTATIONS
+
+
 def run(framework: str, model_names: list[str] | None, quick: bool) -> dict:
     implementations = importlib.import_module(FRAMEWORKS[framework]).IMPLEMENTATIONS
     rows, notes = [], []
@@ -58,8 +66,12 @@ def run(framework: str, model_names: list[str] | None, quick: bool) -> dict:
         else:
             builds[name] = build
     for spec in specs(model_names, quick):
-        print(f"  {spec.name:>14}  {framework}: {', '.join(builds)}", file=sys.stderr, flush=True)
-        rows += measure(framework, builds, spec)
+        runs = {name: build for name, build in builds.items() if applies(name, spec)}
+        if set(runs) != set(builds):
+            left_out = ", ".join(f"{framework}/{name}" for name in builds if name not in runs)
+            notes.append(f"{spec.name} is a CaiT: {left_out} not run (they build ViTs only)")
+        print(f"  {spec.name:>14}  {framework}: {', '.join(runs)}", file=sys.stderr, flush=True)
+        rows += measure(framework, runs, spec)
     return {"framework": framework, "rows": rows, "notes": notes, "threads": thread_counts(framework)}
 
 

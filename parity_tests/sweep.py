@@ -4,13 +4,15 @@
     XLA_FLAGS=--xla_cpu_max_isa=AVX2 python -m parity_tests.sweep run flax --out runs/sweep/flax-avx2.jsonl
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python -m parity_tests.sweep run torch --out runs/sweep/torch-avx2.jsonl
+    python -m parity_tests.sweep run torch --cait --examples 200 --out runs/sweep/torch-cait.jsonl
     python -m parity_tests.sweep summary runs/sweep/*.jsonl
 
 `run` draws cases from the tests' strategy with its own Hypothesis seed (SWEEP_SEED, not the
 tests' derandomized one, so the tests check k on draws that did not set it) and writes, per case
 and per tensor, the backend's float32 and bfloat16 errors against float64 and the errors of the
 reference's own roundings. `summary` turns them into the per-case worst ratios (median, p99,
-p99.9, max) that SPEC.md reports; `--roundings 1` scores against the reference as written only.
+p99.9, max) that SPEC.md reports, CaiT records (`run --cait`, drawn from `cait_cases`) in
+rows of their own; `--roundings 1` scores against the reference as written only.
 Storing the raw errors lets a yardstick be judged on data that was not drawn to fit it.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import given, seed, settings
 
-from parity_tests.cases import Case, as_float64, cases, head_propagated_error
+from parity_tests.cases import Case, as_float64, cait_cases, cases, head_propagated_error
 from parity_tests.tolerances import TOLERANCES, tree_rel_errs
 
 SWEEP_SEED = 20261129
@@ -80,7 +82,9 @@ def case_errors(case: Case, named_and_grads, bf16_named_and_grads) -> dict[str, 
     return out
 
 
-def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEED) -> None:
+def run(
+    backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEED, cait: bool = False
+) -> None:
     named_and_grads, bf16_named_and_grads = backend_functions(backend)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     machine = {
@@ -94,10 +98,11 @@ def run(backend: str, examples: int, out_path: Path, sweep_seed: int = SWEEP_SEE
 
         @seed(sweep_seed)
         @settings(max_examples=examples, database=None, deadline=None, derandomize=False)
-        @given(cases)
+        @given(cait_cases if cait else cases)
         def one(case):
             record = {
                 "backend": backend,
+                "model": "cait" if cait else "vit",
                 "config": repr(case.cfg),
                 "seed": case.seed,
                 "batch": len(case.images),
@@ -133,7 +138,8 @@ def summary(paths: list[Path], roundings: int, with_propagated: bool = True) -> 
                 ratio, name = worst_ratio(
                     rec["errors"][f"{dtype}/{kind}"], dtype, kind, roundings, propagated
                 )
-                groups.setdefault((rec["backend"], isa, dtype, kind), []).append((ratio, name, rec))
+                backend = rec["backend"] + ("/cait" if rec.get("model") == "cait" else "")
+                groups.setdefault((backend, isa, dtype, kind), []).append((ratio, name, rec))
     propagated = " and the head's propagated input error" if with_propagated else ""
     print(
         f"per-case worst ratio, the reference's own error the largest of {roundings} rounding(s){propagated}"
@@ -173,13 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--seed", type=int, default=SWEEP_SEED, help="Hypothesis seed of the draw (not the tests')"
     )
+    p.add_argument("--cait", action="store_true", help="draw CaiT configs (cases.cait_cases)")
     p = sub.add_parser("summary", help="the ratio distributions of JSONL files written by run")
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--roundings", type=int, default=4, help="how many of the reference's roundings to use")
     p.add_argument("--no-propagated", action="store_true", help="without cases.head_propagated_error")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.backend, args.examples, args.out, args.seed)
+        run(args.backend, args.examples, args.out, args.seed, args.cait)
     else:
         summary(args.paths, args.roundings, not args.no_propagated)
 

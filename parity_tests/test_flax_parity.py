@@ -11,7 +11,10 @@ Every example compiles one jitted function (forward, attention maps and gradient
 compiling (about a second on 2 CPU cores) is most of the cost, so each test compiles once per example.
 
 `python -m parity_tests.sweep run flax` measures the errors and ratios over many examples (the
-numbers behind the low-precision rows of the tolerance table).
+numbers behind the low-precision rows of the tolerance table); `--cait` draws CaiT cases.
+
+CaiT (`class_attention_depth > 0`, backends.flax_vit.CaiT) runs through the same checks on its own
+strategy (`cait_cases`), a few examples each: its compiles cost as much as the ViT's.
 """
 
 from __future__ import annotations
@@ -24,23 +27,34 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from backends.flax_vit import VisionTransformer, cross_entropy, from_reference, model, to_reference
+from backends.flax_vit import (
+    VisionTransformer,
+    cross_entropy,
+    from_reference,
+    model,
+    module_for,
+    to_reference,
+)
 from parity_tests.cases import (
     LABEL_SMOOTHING,
     Case,
     as_float64,
     assert_bfloat16_close,
     assert_float32_close,
+    cait_cases,
     cases,
     uses_cross_entropy,
 )
 from parity_tests.tolerances import assert_close_f64
 
+# CaiT examples per test: each compiles one or two XLA programs (~2.5 s on 2 cores).
+CAIT_EXAMPLES = 3
+
 
 def flax_named_and_grads(case: Case, dtype) -> tuple[dict, dict]:
     """Named values and reference-named gradients from one jitted Flax computation in `dtype`."""
     params, images = case.at(dtype)
-    module = VisionTransformer(case.cfg, dtype=dtype, param_dtype=dtype)
+    module = module_for(case.cfg, dtype=dtype, param_dtype=dtype)
     with jax.enable_x64(dtype == np.float64):
         named, grads, image_grads = jax.jit(_named_and_grads(case, module))(
             from_reference(params, case.cfg)["params"], images
@@ -73,8 +87,7 @@ def _named_and_grads(case: Case, module: VisionTransformer, attention_maps: bool
     return named_and_grads
 
 
-@given(cases)
-def test_float64_matches_reference(case):
+def check_float64(case: Case) -> None:
     ref_named, ref_grads = case.reference(np.float64)
     named, grads = flax_named_and_grads(case, np.float64)
     assert all(v.dtype == np.float64 for v in named.values())
@@ -82,18 +95,13 @@ def test_float64_matches_reference(case):
     assert_close_f64(grads, ref_grads, "grad")
 
 
-@pytest.mark.low_precision
-@given(cases)
-def test_float32_error_within_k_of_reference_own(case):
+def check_float32(case: Case) -> None:
     named, grads = flax_named_and_grads(case, np.float32)
     assert all(v.dtype == np.float32 for v in named.values())
     assert_float32_close(case, named, grads)
 
 
-@pytest.mark.low_precision
-@settings(max_examples=10)
-@given(cases)
-def test_explicit_attention_path_float32_error_within_k_of_reference_own(case):
+def check_explicit_attention_float32(case: Case) -> None:
     # These tests run in eval mode, which takes jax.nn.dot_product_attention in float32; training on
     # the CPU takes the explicit attention instead, held to the same bound here.
     with mock.patch.object(model, "fused_attention_pays", return_value=False) as pays:
@@ -102,19 +110,70 @@ def test_explicit_attention_path_float32_error_within_k_of_reference_own(case):
     assert_float32_close(case, named, grads)
 
 
-def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
-    """Mixed precision as trained: float32 parameters, bfloat16 computation, the loss in float32."""
-    params, images = case.at(np.float32)
-    module = VisionTransformer(case.cfg, dtype=jnp.bfloat16)
-    named, grads, image_grads = jax.jit(_named_and_grads(case, module, attention_maps=False))(
-        from_reference(params, case.cfg)["params"], images
-    )
-    grads = to_reference(grads, case.cfg) | {"images": np.asarray(image_grads)}
-    return as_float64(named), as_float64(grads)
+def check_bfloat16(case: Case) -> None:
+    named, grads = bfloat16_named_and_grads(case)
+    assert_bfloat16_close(case, named, grads)
+
+
+@given(cases)
+def test_float64_matches_reference(case):
+    check_float64(case)
+
+
+@pytest.mark.low_precision
+@given(cases)
+def test_float32_error_within_k_of_reference_own(case):
+    check_float32(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=10)
+@given(cases)
+def test_explicit_attention_path_float32_error_within_k_of_reference_own(case):
+    check_explicit_attention_float32(case)
 
 
 @pytest.mark.low_precision
 @given(cases)
 def test_bfloat16_error_within_k_of_reference_own(case):
-    named, grads = bfloat16_named_and_grads(case)
-    assert_bfloat16_close(case, named, grads)
+    check_bfloat16(case)
+
+
+@settings(max_examples=CAIT_EXAMPLES)
+@given(cait_cases)
+def test_cait_float64_matches_reference(case):
+    check_float64(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=CAIT_EXAMPLES)
+@given(cait_cases)
+def test_cait_float32_error_within_k_of_reference_own(case):
+    check_float32(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=2)
+@given(cait_cases)
+def test_cait_explicit_attention_path_float32_error_within_k_of_reference_own(case):
+    # Talking heads always take the explicit path; the class blocks' attention and plain
+    # self-attention take the fused one in eval mode, the explicit one in training on the CPU.
+    check_explicit_attention_float32(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=CAIT_EXAMPLES)
+@given(cait_cases)
+def test_cait_bfloat16_error_within_k_of_reference_own(case):
+    check_bfloat16(case)
+
+
+def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:
+    """Mixed precision as trained: float32 parameters, bfloat16 computation, the loss in float32."""
+    params, images = case.at(np.float32)
+    module = module_for(case.cfg, dtype=jnp.bfloat16)
+    named, grads, image_grads = jax.jit(_named_and_grads(case, module, attention_maps=False))(
+        from_reference(params, case.cfg)["params"], images
+    )
+    grads = to_reference(grads, case.cfg) | {"images": np.asarray(image_grads)}
+    return as_float64(named), as_float64(grads)

@@ -2,20 +2,19 @@
 
 Each backend is checked against the reference, and the two backends against each other (the
 pair no single-backend test compares). PyTorch takes NCHW images, the others NHWC; both backend
-computations are the ones their own parity tests run.
+computations are the ones their own parity tests run. CaiT configs (`cait_cases`) too, a few.
 """
 
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 
-from parity_tests.cases import cases
+from parity_tests.cases import Case, cait_cases, cases
 from parity_tests.test_flax_parity import flax_named_and_grads
 from parity_tests.test_torch_parity import torch_named_and_grads
 from parity_tests.tolerances import assert_close_f64
 
 
-@given(cases)
-def test_numpy_torch_and_jax_agree_in_float64(case):
+def check_three_way(case: Case) -> None:
     ref_named, ref_grads = case.reference(np.float64)
     torch_named, torch_grads = torch_named_and_grads(case, np.float64)
     jax_named, jax_grads = flax_named_and_grads(case, np.float64)
@@ -24,3 +23,14 @@ def test_numpy_torch_and_jax_agree_in_float64(case):
         assert_close_f64(grads, ref_grads, "grad")
     assert_close_f64(jax_named, torch_named, "forward")
     assert_close_f64(jax_grads, torch_grads, "grad")
+
+
+@given(cases)
+def test_numpy_torch_and_jax_agree_in_float64(case):
+    check_three_way(case)
+
+
+@settings(max_examples=3)
+@given(cait_cases)
+def test_numpy_torch_and_jax_agree_in_float64_on_cait(case):
+    check_three_way(case)

@@ -7,7 +7,10 @@ bfloat16 autocast (float32 parameters, as trained): forward and gradients within
 reference's own bfloat16 error, float64 math on parameters and images rounded to bfloat16.
 
 `python -m parity_tests.sweep run torch` measures the errors and ratios over many examples
-(the numbers behind the low-precision rows of the tolerance table).
+(the numbers behind the low-precision rows of the tolerance table); `--cait` draws CaiT cases.
+
+CaiT (`class_attention_depth > 0`, backends.torch_vit.Cait) runs through the same checks on its
+own strategy (`cait_cases`), with a smaller example budget.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitspec
-from backends.torch_vit import VisionTransformer, from_reference, to_reference
+from backends.torch_vit import from_reference, model_for, to_reference
 from parity_tests.cases import (
     LABEL_SMOOTHING,
     Case,
     assert_bfloat16_close,
     assert_float32_close,
+    cait_cases,
     cases,
     uses_cross_entropy,
 )
@@ -33,10 +37,13 @@ from parity_tests.strategies import configs, random_params
 from parity_tests.tolerances import assert_close_f64
 
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
+# CaiT examples per test: on top of the ViT's, a few cover its knobs (~0.1 s each).
+CAIT_EXAMPLES = 12
 
 
-def torch_model(cfg, params, dtype) -> VisionTransformer:
-    model = VisionTransformer(cfg).to(TORCH_DTYPES[dtype])
+def torch_model(cfg, params, dtype) -> torch.nn.Module:
+    """The backend's module for `cfg` (VisionTransformer, or Cait for CaiT) in eval mode."""
+    model = model_for(cfg).to(TORCH_DTYPES[dtype])
     model.load_state_dict(from_reference(params, cfg))
     return model.eval()
 
@@ -93,8 +100,7 @@ def bf16_autocast_named_and_grads(case: Case) -> tuple[dict, dict]:
     return to_numpy_tree(named), {k: v.astype(np.float64) for k, v in grads.items()}
 
 
-@given(cases)
-def test_float64_matches_reference(case):
+def check_float64(case: Case) -> None:
     ref_named, ref_grads = case.reference(np.float64)
     named, grads = torch_named_and_grads(case, np.float64)
     params, images = case.at(np.float64)
@@ -105,18 +111,51 @@ def test_float64_matches_reference(case):
     assert_close_f64(grads, ref_grads, "grad")
 
 
+def check_float32(case: Case) -> None:
+    named, grads = torch_named_and_grads(case, np.float32)
+    assert_float32_close(case, named, grads)
+
+
+def check_bfloat16(case: Case) -> None:
+    named, grads = bf16_autocast_named_and_grads(case)
+    assert_bfloat16_close(case, named, grads)
+
+
+@given(cases)
+def test_float64_matches_reference(case):
+    check_float64(case)
+
+
 @pytest.mark.low_precision
 @given(cases)
 def test_float32_error_within_k_of_reference_own(case):
-    named, grads = torch_named_and_grads(case, np.float32)
-    assert_float32_close(case, named, grads)
+    check_float32(case)
 
 
 @pytest.mark.low_precision
 @given(cases)
 def test_bfloat16_autocast_error_within_k_of_reference_own(case):
-    named, grads = bf16_autocast_named_and_grads(case)
-    assert_bfloat16_close(case, named, grads)
+    check_bfloat16(case)
+
+
+@settings(max_examples=CAIT_EXAMPLES)
+@given(cait_cases)
+def test_cait_float64_matches_reference(case):
+    check_float64(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=CAIT_EXAMPLES)
+@given(cait_cases)
+def test_cait_float32_error_within_k_of_reference_own(case):
+    check_float32(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=CAIT_EXAMPLES)
+@given(cait_cases)
+def test_cait_bfloat16_autocast_error_within_k_of_reference_own(case):
+    check_bfloat16(case)
 
 
 @given(configs(), st.integers(0, 2**16), st.sampled_from([np.float32, np.float64]))

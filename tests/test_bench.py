@@ -15,6 +15,7 @@ pytest.importorskip("optax")
 
 from bench import loop, run
 from bench.flops import forward_matmul_flops, train_matmul_flops
+from bench.models import QUICK_CONFIGS
 from bench.timing import interleaved_rates
 from bench.torch_impls import has_transformers
 from tests.test_training import write_fashion_mnist
@@ -48,11 +49,30 @@ def test_quick_writes_both_files(quick_results):
 
 def test_quick_has_one_row_per_implementation(quick_results):
     _, results = quick_results
-    found = {(row["framework"], row["implementation"]) for row in results["rows"]}
+    found = {(row["framework"], row["implementation"]) for row in results["rows"] if row["model"] == "tiny"}
     assert found == expected_implementations()
-    assert {row["model"] for row in results["rows"]} == {"tiny"}
+    assert {row["model"] for row in results["rows"]} == {"tiny", "cait-tiny"}
     if not has_transformers():
         assert any("hf-transformers" in note for note in results["notes"])
+
+
+def test_quick_has_a_cait_row_per_backend_and_no_vit_peer_on_it(quick_results):
+    out, results = quick_results
+    assert results["models"]["cait-tiny"]["class_attention_depth"] > 0
+    assert results["models"]["cait-tiny"]["talking_heads"]
+    cait = {
+        (row["framework"], row["implementation"]): row
+        for row in results["rows"]
+        if row["model"] == "cait-tiny"
+    }
+    assert set(cait) == {("torch", "ours"), ("flax", "ours"), ("numpy", "reference")}
+    for framework in ("torch", "flax"):
+        row = cait[framework, "ours"]
+        assert row["forward"]["median"] > 0 and row["train"]["median"] > 0
+        assert row["ours_over_fastest_peer"] == {"forward": None, "train": None}
+    assert any(note.startswith("cait-tiny is a CaiT: flax/flax-stock not run") for note in results["notes"])
+    table = (out / "bench_results.md").read_text()
+    assert "| cait-tiny | torch: ours | 2 |" in table and "| cait-tiny | flax: ours | 2 |" in table
 
 
 def test_quick_rows_carry_rates_and_peak_fractions(quick_results):
@@ -72,7 +92,7 @@ def test_quick_rows_carry_rates_and_peak_fractions(quick_results):
             }
             assert row[mode]["min"] <= row[mode]["median"] <= row[mode]["max"]
             assert len(row[mode]["rates"]) == row[mode]["repeats"]
-        if row["implementation"] == "ours" and row["framework"] != "numpy":
+        if row["implementation"] == "ours" and row["model"] == "tiny":
             ratios = row["ours_over_fastest_peer"]
             assert set(ratios) == set(MODES)
             for ratio in ratios.values():
@@ -101,6 +121,34 @@ def test_matmul_flops_of_b16_match_the_published_count():
     cfg = variant("B/16")
     assert forward_matmul_flops(cfg) / 2e9 == pytest.approx(17.56, abs=0.01)
     assert train_matmul_flops(cfg) == 3 * forward_matmul_flops(cfg)
+
+
+def test_matmul_flops_of_cait_xxs24_match_the_published_count():
+    # CaiT-XXS-24 at 224: 2.5 GFLOPs in Table 1 of Touvron et al. 2021 (multiply-adds, as the ViT's).
+    assert forward_matmul_flops(variant("cait-xxs24-224")) / 2e9 == pytest.approx(2.52, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["tiny", "cait-tiny"])
+def test_matmul_flops_match_what_torch_counts_in_our_module(name):
+    """torch's FlopCounterMode over one forward of backends.torch_vit (attention in its math form, so
+    that its matmuls are counted) finds exactly the analytic count: talking heads and class attention
+    included. The quick configs, with a pre-logits layer and a narrower class-block MLP added."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from backends.torch_vit import model_for
+
+    cfg = QUICK_CONFIGS[name]
+    cfg = (
+        cfg.replace(class_attention_mlp_dim=48)
+        if cfg.class_attention_depth
+        else cfg.replace(representation_size=24)
+    )
+    model = model_for(cfg).eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(3, cfg.in_channels, *cfg.image_size))
+    assert counter.get_total_flops() == 3 * forward_matmul_flops(cfg)
 
 
 def test_loop_bench_runs_the_training_loop_and_the_bare_step(tmp_path):
