@@ -23,7 +23,7 @@ import vitspec
 from parity_tests.strategies import SMALL_FIELDS, configs, random_images, random_params
 from parity_tests.tolerances import assert_close_f64
 from vitspec.config import ViTConfig
-from vitspec.formats import EXTERNAL, FormatError, load_any, save_any
+from vitspec.formats import EXTERNAL, FormatError, hf, load_any, save_any
 from vitspec.formats.inference import reading_flags
 from vitspec.params import param_shapes
 
@@ -477,3 +477,15 @@ def test_either_transformers_naming_reads_as_the_other():
         assert all(np.array_equal(back[k], params[k]) for k in params)
     assert "vit.layers.0.attention.q_proj.weight" in today.from_reference(params, cfg)
     assert "vit.encoder.layer.0.attention.attention.query.weight" in old.from_reference(params, cfg)
+
+
+@pytest.mark.parametrize(
+    "act, form", [("gelu", "exact"), ("gelu_pytorch_tanh", "tanh"), ("gelu_new", "tanh")]
+)
+def test_transformers_hidden_act_names_read_as_their_gelu_form(act, form):
+    assert hf.stated_fields({"model_type": "vit", "hidden_act": act}, "config.json")["gelu"] == form
+
+
+def test_an_unknown_hidden_act_is_refused_by_name():
+    with pytest.raises(FormatError, match=r"config.json: hidden_act 'quick_gelu' is none of"):
+        hf.stated_fields({"model_type": "vit", "hidden_act": "quick_gelu"}, "config.json")

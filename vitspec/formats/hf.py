@@ -164,6 +164,9 @@ CONFIG_JSON_FIELDS = (
     ("qkv_bias", "qkv_bias"),
 )
 HIDDEN_ACT = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}
+# What is read: also transformers' older name of the same tanh form (NewGELUActivation computes
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as gelu_pytorch_tanh does).
+READ_HIDDEN_ACT = {act: form for form, act in HIDDEN_ACT.items()} | {"gelu_new": "tanh"}
 CLASSIFIER, BARE = "ViTForImageClassification", "ViTModel"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, unsharded
@@ -216,11 +219,9 @@ def stated_fields(config: Any, where: Path | str) -> dict[str, Any]:
         raise FormatError(f"{where}: model_type {kind!r}, not a transformers ViT ('vit')")
     fields = {field: config[key] for key, field in CONFIG_JSON_FIELDS if key in config}
     if "gelu" in fields:
-        form = {act: form for form, act in HIDDEN_ACT.items()}.get(fields["gelu"])
+        form = READ_HIDDEN_ACT.get(fields["gelu"])
         if form is None:
-            raise FormatError(
-                f"{where}: hidden_act {fields['gelu']!r} is none of {list(HIDDEN_ACT.values())}"
-            )
+            raise FormatError(f"{where}: hidden_act {fields['gelu']!r} is none of {list(READ_HIDDEN_ACT)}")
         fields["gelu"] = form
     for field in ("image_size", "patch_size"):
         if field in fields:
