@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
 from vitspec.config import ViTConfig
 
 
@@ -52,35 +48,3 @@ def forward_matmul_flops(cfg: ViTConfig) -> int:
 def train_matmul_flops(cfg: ViTConfig) -> int:
     """One image's training step: forward plus backward, 3x the forward matmuls."""
     return 3 * forward_matmul_flops(cfg)
-
-
-def sgemm_gflops(size: int, repeats: int) -> dict:
-    """fp32 GFLOP/s of a size x size matmul, with NumPy and with torch; the peak is the faster median."""
-    import torch
-
-    a, b = (np.random.default_rng(i).standard_normal((size, size), dtype=np.float32) for i in range(2))
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    numpy_rates = _matmul_rates(lambda: a @ b, size, repeats)
-    torch_rates = _matmul_rates(lambda: ta @ tb, size, repeats)
-    peak = max(np.median(numpy_rates), np.median(torch_rates))
-    return {
-        "size": size,
-        "repeats": repeats,
-        "numpy_gflops": _summary(numpy_rates),
-        "torch_gflops": _summary(torch_rates),
-        "peak_gflops": float(peak),
-    }
-
-
-def _matmul_rates(matmul, size: int, repeats: int) -> list[float]:
-    matmul()  # warm-up: thread pool start, page faults
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul()
-        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return rates
-
-
-def _summary(values: list[float]) -> dict:
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}

@@ -4,6 +4,7 @@ training step, each a no-argument callable that returns only once the work is do
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -45,3 +46,45 @@ def backend_runner(backend_class, cfg: ViTConfig, batch: int) -> Runner:
         forward=lambda: backend.eval_logits(images),
         train_step=lambda: float(backend.train_step(images, labels, LEARNING_RATE)[0]),
     )
+
+
+def sgemm_burst(framework: str, size: int, count: int = 2) -> Callable[[], float]:
+    """A short fp32 matmul burst on the framework's own thread pool (torch's intra-op pool, XLA's
+    Eigen pool, NumPy's BLAS), for bench.timing to run between the implementations it times: returns
+    the GFLOP/s of the fastest of `count` size x size matmuls."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    if framework == "torch":
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+        def matmul():
+            return torch.mm(ta, tb)
+
+    elif framework == "flax":
+        import jax
+        import jax.numpy as jnp
+
+        ja, jb, dot = jnp.asarray(a), jnp.asarray(b), jax.jit(jnp.dot)
+
+        def matmul():
+            return jax.block_until_ready(dot(ja, jb))
+
+    elif framework == "numpy":
+
+        def matmul():
+            return a @ b
+
+    else:
+        raise ValueError(f"no sgemm burst for {framework!r}")
+
+    def burst() -> float:
+        fastest = float("inf")
+        for _ in range(count):
+            start = time.perf_counter()
+            matmul()
+            fastest = min(fastest, time.perf_counter() - start)
+        return 2 * size**3 / fastest / 1e9
+
+    return burst
