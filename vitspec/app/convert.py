@@ -34,7 +34,7 @@ from vitspec.formats import (
     big_vision,
     flags_needed_to_read_back,
     format_of_suffix,
-    load_with_notes,
+    open_with_notes,
     resolve_format,
     save_any,
     timm,
@@ -80,17 +80,28 @@ def convert(
     if dst.exists() and not overwrite:
         raise FormatError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
     to_fmt = _target_format(dst, to_fmt, out)
-    source = load_with_notes(src, from_fmt, strict=strict, image_size=source_image_size, **flags)
+    # Streamed: each source tensor is read, converted by its table row and written in turn (see
+    # vitspec.formats.lazy), so memory holds a few tensors, not the source and target trees.
+    source = open_with_notes(src, from_fmt, strict=strict, image_size=source_image_size, **flags)
     cfg, params = source.cfg, source.params
     resampled = image_size is not None and _as_pair(image_size) != cfg.image_size
     if resampled:
+        posemb = {k: params[k] for k in ("pos_embed",) if k in params}  # all that resampling changes
         try:
-            cfg, params = resample_model(cfg, params, _as_pair(image_size))
+            cfg, posemb = resample_model(cfg, posemb, _as_pair(image_size))
         except ValueError as e:
             raise FormatError(f"--image-size {image_size}: {e}") from None
-    save_any(dst, to_fmt, cfg, params)
+        params = params.replace(posemb)
+    created = not dst.exists()
+    try:
+        save_any(dst, to_fmt, cfg, params)
+    except BaseException:
+        if created and dst.is_dir() and not any(dst.iterdir()):
+            dst.rmdir()  # an hf directory made for a write that failed (a bad source tensor)
+        raise
     _print_summary(out, src, dst, source, to_fmt, cfg)
-    diff = check_conversion(cfg, params, dst, to_fmt, resampled, out) if check else None
+    # --check runs float64 models on the whole tree: outside the streaming's memory bound.
+    diff = check_conversion(cfg, dict(params), dst, to_fmt, resampled, out) if check else None
     return Conversion(source.fmt, to_fmt, source.cfg, cfg, diff)
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,8 +18,15 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats import big_vision, hf, timm, vit_jax
 from vitspec.formats.base import Format
-from vitspec.formats.checkpoint import CONFIG_KEY, NPZ_CONFIG_KEY, atomic_write, load, nonfinite_names, save
-from vitspec.formats.files import TORCH_SUFFIXES, read_tensors, write_tensors
+from vitspec.formats.checkpoint import (
+    CONFIG_KEY,
+    NPZ_CONFIG_KEY,
+    atomic_write,
+    nonfinite_names,
+    open_reference,
+    save,
+)
+from vitspec.formats.files import TORCH_SUFFIXES, open_tensors, write_tensors
 from vitspec.formats.flags import (
     FLAGS,
     READING_FLAGS,
@@ -30,6 +38,7 @@ from vitspec.formats.flags import (
     given_values,
 )
 from vitspec.formats.inference import reading_flags
+from vitspec.formats.lazy import finite, stand_ins
 from vitspec.formats.strict import StrictError, refuse_unsettled
 from vitspec.formats.table import FormatError
 from vitspec.params import validate_params
@@ -51,6 +60,7 @@ __all__ = [
     "detect_format",
     "load_any",
     "load_with_notes",
+    "open_with_notes",
     "resolve_format",
     "save_any",
 ]
@@ -99,6 +109,17 @@ def load_with_notes(
     `path` is a file, or a transformers directory (config.json beside model.safetensors), whose
     config.json settles what it states. `strict`: refuse (StrictError) if any value is inferred
     rather than read from the file, its format, its stored config or a flag."""
+    loaded = open_with_notes(path, fmt, strict=strict, **flags)
+    return loaded._replace(params=dict(loaded.params))
+
+
+def open_with_notes(
+    path: str | Path, fmt: str | None = None, *, strict: bool = False, **flags: Any
+) -> Loaded:
+    """As load_with_notes, but its params are a LazyTensors: each reference tensor is read from the
+    file and converted when asked for, not kept (a conversion streams them). The config, names,
+    shapes and dtypes are read and checked now; a NaN or infinity is refused when its tensor is
+    read, with every bad tensor named."""
     check_flags(flags)
     path = Path(path)
     if path.is_dir():
@@ -107,26 +128,31 @@ def load_with_notes(
         if fmt not in (hf.NAME, hf.NAME_4X):
             raise FormatError(f"{path}: a directory is read as a transformers ViT (hf), not {fmt}")
     else:
-        arrays, metadata = read_tensors(path)
+        arrays, metadata = open_tensors(path)
         fmt = resolve_format(fmt) if fmt else detect_format(path, arrays, metadata)
         stated = {}
     if fmt == REFERENCE:
-        cfg, params = load(path)
+        cfg, params = open_reference(path)
         _check_flags_agree(cfg, flags, path)
         return Loaded(fmt, cfg, params, [Note("config", "config", f"stored in {path.name}")])
     layout = EXTERNAL[fmt]
-    cfg, notes = layout.read_config(arrays, given_values(flags, _as_flags(stated), hf.CONFIG_FILE))
+    cfg, notes = layout.read_config(stand_ins(arrays), given_values(flags, _as_flags(stated), hf.CONFIG_FILE))
     wrong = [f"{field} {value!r}" for field, value in stated.items() if getattr(cfg, field) != value]
     if wrong:
         raise FormatError(f"{path}: {hf.CONFIG_FILE} gives {', '.join(wrong)}, which the weights are not")
     if strict:
         refuse_unsettled(str(path), notes)
-    params = layout.to_reference(arrays, cfg)
-    validate_params(cfg, params, source=str(path))  # names and shapes match by now; this refuses non-floats
-    bad = nonfinite_names(params)
-    if bad:
-        raise FormatError(f"{path}: NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:5])}")
-    return Loaded(fmt, cfg, params, notes)
+    params = layout.reference_view(arrays, cfg)
+    validate_params(
+        cfg, stand_ins(params), source=str(path)
+    )  # names and shapes match by now; this refuses non-floats
+
+    def refuse_nonfinite(name: str, value: np.ndarray) -> None:
+        if not finite(value):
+            bad = nonfinite_names(params)
+            raise FormatError(f"{path}: NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:5])}")
+
+    return Loaded(fmt, cfg, params.checked(refuse_nonfinite), notes)
 
 
 def load_any(
@@ -143,8 +169,12 @@ def load_any(
     return loaded.cfg, loaded.params
 
 
-def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: dict[str, np.ndarray]) -> None:
+def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: Mapping[str, np.ndarray]) -> None:
     """Write `params` in layout `fmt` to `path`, atomically; the suffix must suit the format.
+
+    `params` may be a LazyTensors (open_with_notes): each tensor is then converted and written in
+    turn, so memory holds a few tensors, not the tree twice (torch files: torch.save takes the
+    whole converted dict).
 
     `hf` and `hf4` also write a directory (a path without a suffix): model.safetensors and the
     config.json transformers' `from_pretrained(path)` reads."""
@@ -153,7 +183,7 @@ def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: dict[str, np.nd
     if fmt in (hf.NAME, hf.NAME_4X) and not path.suffix:
         EXTERNAL[fmt].table(cfg)  # refuses what transformers' ViT cannot express, before writing anything
         path.mkdir(parents=True, exist_ok=True)
-        write_tensors(path / "model.safetensors", EXTERNAL[fmt].from_reference(params, cfg))
+        write_tensors(path / "model.safetensors", EXTERNAL[fmt].native_view(params, cfg))
         text = json.dumps(hf.transformers_config(cfg), indent=2) + "\n"
         atomic_write(path / "config.json", lambda f: f.write(text.encode()))
         return
@@ -166,7 +196,7 @@ def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: dict[str, np.nd
     if fmt == REFERENCE:
         save(path, cfg, params)
     else:
-        write_tensors(path, EXTERNAL[fmt].from_reference(params, cfg))
+        write_tensors(path, EXTERNAL[fmt].native_view(params, cfg))
 
 
 def format_of_suffix(path: str | Path) -> str | None:

@@ -12,8 +12,9 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats.flags import Note, Told
 from vitspec.formats.inference import Convention, Facts, config_from_facts
+from vitspec.formats.lazy import LazyTensors
 from vitspec.formats.strict import absence_notes, settled_by_format
-from vitspec.formats.table import FormatError, Rule, native_from_reference, reference_from_native, refuse
+from vitspec.formats.table import FormatError, Rule, native_view, reference_view, refuse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +34,18 @@ class Format:
         return self.build_table(cfg, native_keys)
 
     def to_reference(self, native: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
-        return reference_from_native(self.table(cfg, native.keys()), native, cfg, self.name)
+        return dict(self.reference_view(native, cfg))
 
     def from_reference(self, params: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
-        return native_from_reference(self.table(cfg), params, cfg)
+        return dict(self.native_view(params, cfg))
+
+    def reference_view(self, native: Mapping[str, np.ndarray], cfg: ViTConfig) -> LazyTensors:
+        """to_reference, each tensor computed when asked for (vitspec.formats.lazy)."""
+        return reference_view(self.table(cfg, native.keys()), native, cfg, self.name)
+
+    def native_view(self, params: Mapping[str, np.ndarray], cfg: ViTConfig) -> LazyTensors:
+        """from_reference, each tensor computed when asked for (vitspec.formats.lazy)."""
+        return native_view(self.table(cfg), params, cfg)
 
     def read_config(self, native: Mapping[str, np.ndarray], given: Told) -> tuple[ViTConfig, list[Note]]:
         """The config and the notes on it, from the names and shapes and what the reader was `given`

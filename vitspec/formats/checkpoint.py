@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
 import tempfile
+import weakref
 import zipfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from vitspec.config import ViTConfig
+from vitspec.formats.lazy import LazyTensors, finite, spec_of, stand_ins
 from vitspec.params import ParamTreeError, size_text, tree_size, validate_params
 
 CONFIG_KEY = "vitspec_config"
@@ -85,33 +88,60 @@ def _umask() -> int:
     return mask
 
 
-def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path, tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write `tensors` (arrays, or a LazyTensors whose values are produced one at a time while the
+    file is written: the header needs only their shapes and dtypes)."""
     header: dict = {"__metadata__": dict(metadata or {})}
-    offset, arrays = 0, []
-    for name, value in tensors.items():
-        value = np.ascontiguousarray(value)
-        if value.dtype not in _ST_NAMES:
-            raise CheckpointError(
-                f"tensor {name!r} has dtype {value.dtype}, which safetensors here does not store"
-            )
-        value = value.astype(value.dtype.newbyteorder("<"), copy=False)
+    offset, dtypes = 0, {}
+    for name in tensors:
+        shape, dtype = spec_of(tensors, name)
+        if dtype not in _ST_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors here does not store")
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {
-            "dtype": _ST_NAMES[value.dtype],
-            "shape": list(value.shape),
-            "data_offsets": [offset, offset + value.nbytes],
+            "dtype": _ST_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        arrays.append(value)
-        offset += value.nbytes
+        dtypes[name] = dtype
+        offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
 
     def write(f):
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
-        for value in arrays:
-            f.write(value.data)  # the array's own memory: no bytes copy of the whole tree
+        for name, dtype in dtypes.items():
+            value = np.ascontiguousarray(tensors[name])
+            if value.dtype != dtype or list(value.shape) != header[name]["shape"]:
+                raise CheckpointError(f"tensor {name!r} changed its shape or dtype while being written")
+            value = value.astype(value.dtype.newbyteorder("<"), copy=False)
+            f.write(value.data)  # the array's own memory: no bytes copy of the tensor
 
     atomic_write(path, write)
+
+
+def write_npz(f, arrays: Mapping[str, np.ndarray]) -> None:
+    """np.savez(f, **arrays), one member at a time: each value is produced, written and dropped
+    (np.savez takes them all at once). The same zip layout: stored members `<name>.npy`, zip64."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipf:
+        for name in arrays:
+            value = np.asanyarray(arrays[name])
+            with zipf.open(name + ".npy", "w", force_zip64=True) as member:
+                if value.dtype.hasobject or not value.flags.c_contiguous or value.dtype.byteorder == ">":
+                    np.lib.format.write_array(member, value, allow_pickle=False)
+                else:  # write_array's header, then the data from the array's own memory (it copies)
+                    _write_npy_header(member, np.lib.format.header_data_from_array_1_0(value))
+                    member.write(memoryview(value.reshape(-1).view(np.uint8)))
+
+
+def _write_npy_header(f, header: dict) -> None:
+    try:
+        np.lib.format.write_array_header_1_0(f, header)
+    except ValueError:  # a header too long for format 1.0, as write_array decides
+        np.lib.format.write_array_header_2_0(f, header)
 
 
 def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -123,15 +153,43 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     the whole file. (Not memory maps: arrays that change, or crash the process, when someone
     rewrites the file in place later would be results silently wrong.) Only the 8-byte length is
     read before the header is known to fit the file, so a forged length costs nothing."""
+    tensors, metadata = open_safetensors(path)
+    return dict(tensors), metadata
+
+
+def open_safetensors(path) -> tuple[LazyTensors, dict[str, str]]:
+    """As read_safetensors, but each tensor is read from the file when asked for (into an array of
+    its own, not kept): a conversion holds one tensor at a time. The header is checked now, and
+    the file kept open: a file replaced since (a rename over it) is still read as checked, and
+    one shortened in place is refused when a tensor past its end is read."""
     path = Path(path)
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        header_len, header = _checked_header(path, f, size)
+    f = path.open("rb", buffering=0)  # unbuffered: every read is of the file as it is now
+    try:
+        header_len, header = _checked_header(path, f, os.fstat(f.fileno()).st_size)
         metadata = header.pop("__metadata__", None) or {}
-        data_start = 8 + header_len
-        return {
-            name: _read_tensor(path, f, data_start, name, info) for name, info in header.items()
-        }, metadata
+        specs = {
+            name: (tuple(info["shape"]), _read_dtype(path, name, info["dtype"])[1])
+            for name, info in header.items()
+        }
+    except BaseException:
+        f.close()
+        raise
+    data_start = 8 + header_len
+    tensors = LazyTensors(specs, lambda name: _read_tensor(path, f, data_start, name, header[name]))
+    weakref.finalize(tensors, f.close)
+    return tensors, metadata
+
+
+def _read_dtype(path: Path, name: str, dtype: str) -> tuple[np.dtype, np.dtype]:
+    """(stored, returned) dtypes of a safetensors dtype name."""
+    if dtype == "BF16":  # no NumPy dtype: widened to float32, exactly
+        return np.dtype("<u2"), np.dtype(np.float32)
+    if dtype in _ST_DTYPES:
+        stored = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
+        return stored, stored.newbyteorder("=")
+    raise CheckpointError(
+        f"{path}: tensor {_short(name)} has dtype {dtype}, which this reader does not support"
+    )
 
 
 def _checked_header(path: Path, f, size: int) -> tuple[int, dict]:
@@ -164,18 +222,15 @@ def _checked_header(path: Path, f, size: int) -> tuple[int, dict]:
 
 def _read_tensor(path: Path, f, data_start: int, name: str, info: dict) -> np.ndarray:
     dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    if dtype == "BF16":
-        stored = np.dtype("<u2")
-    elif dtype in _ST_DTYPES:
-        stored = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
-    else:
-        raise CheckpointError(
-            f"{path}: tensor {_short(name)} has dtype {dtype}, which this reader does not support"
-        )
+    stored, _ = _read_dtype(path, name, dtype)
     value = np.empty(shape, stored)  # the package has checked that its size is end - begin
     f.seek(data_start + begin)
-    if f.readinto(value.reshape(-1).view(np.uint8)) != end - begin:
-        raise CheckpointError(f"{path}: shortened while being read; read it again")
+    view, done = memoryview(value.reshape(-1).view(np.uint8)), 0
+    while done < end - begin:  # an unbuffered read may return less than asked (2 GiB at most)
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{path}: shortened while being read; read it again")
+        done += n
     if dtype == "BF16":  # no NumPy dtype: widened to float32, exactly
         return (value.astype(np.uint32) << 16).view(np.float32)
     return value if stored.isnative else value.astype(stored.newbyteorder("="))
@@ -224,31 +279,104 @@ def _refuse_nonfinite(path, params: dict[str, np.ndarray], what: str) -> None:
         )
 
 
-def save(path: str | os.PathLike, cfg: ViTConfig, params: dict[str, np.ndarray]) -> None:
+def save(path: str | os.PathLike, cfg: ViTConfig, params: Mapping[str, np.ndarray]) -> None:
     """Write the reference tree and its config; `.safetensors` or `.npz` by the file's suffix.
 
     A tree with a NaN or an infinity is refused: such a model computes nothing, and a file of it
-    would pass for one that does."""
+    would pass for one that does. `params` may be a LazyTensors (a conversion's source, read as it
+    is written): each tensor is checked as it is written, and a bad one abandons the write."""
     path = Path(path)
-    validate_params(cfg, params)
-    arrays = {k: np.asarray(v) for k, v in params.items()}
-    _refuse_nonfinite(path, arrays, "refusing to write")
+    validate_params(cfg, stand_ins(params))
+    if path.suffix not in (".safetensors", ".npz"):
+        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
+    if isinstance(params, LazyTensors):
+        arrays = params.checked(
+            lambda name, value: _refuse_nonfinite_tensor(path, params, value, "refusing to write")
+        )
+    else:
+        arrays = {k: np.asarray(v) for k, v in params.items()}
+        _refuse_nonfinite(path, arrays, "refusing to write")
     if path.suffix == ".safetensors":
         write_safetensors(path, arrays, {FORMAT_KEY: FORMAT_VALUE, CONFIG_KEY: cfg.to_json()})
-    elif path.suffix == ".npz":
-        config = np.frombuffer(cfg.to_json().encode(), dtype=np.uint8)
-        atomic_write(path, lambda f: np.savez(f, **arrays, **{NPZ_CONFIG_KEY: config}))
     else:
-        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
+        config = np.frombuffer(cfg.to_json().encode(), dtype=np.uint8)
+        atomic_write(path, lambda f: write_npz(f, _Joined(arrays, {NPZ_CONFIG_KEY: config})))
+
+
+def _refuse_nonfinite_tensor(path, params: Mapping[str, np.ndarray], value: np.ndarray, what: str) -> None:
+    """As _refuse_nonfinite, from a streamed tree as soon as one tensor is bad: the message lists
+    every bad tensor, as a check of the whole tree would (the rest are read to find them)."""
+    if not finite(value):
+        _refuse_nonfinite(path, params, what)
+
+
+class _Joined(Mapping):
+    def __init__(self, first: Mapping, second: Mapping):
+        self._first, self._second = first, second
+
+    def __getitem__(self, key):
+        return self._first[key] if key in self._first else self._second[key]
+
+    def __iter__(self):
+        yield from self._first
+        yield from (k for k in self._second if k not in self._first)
+
+    def __len__(self):
+        return len(set(self._first) | set(self._second))
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file (no pickles), or a CheckpointError naming the file."""
+    return dict(open_npz(path))
+
+
+def open_npz(path: Path) -> LazyTensors:
+    """As read_npz, but each array is read from its zip member when asked for, and not kept.
+
+    Shapes and dtypes come from each member's .npy header; a member that has none readable is
+    read now, so that what np.load refuses is refused here as before."""
+    path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        npz = np.load(path, allow_pickle=False)
+        specs, eager = {}, {}
+        for name in npz.files:
+            spec = _npy_spec(npz, name)
+            if spec is None:
+                eager[name] = npz[name]
+                specs[name] = (np.shape(eager[name]), np.asarray(eager[name]).dtype)
+            else:
+                specs[name] = spec
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+    def get(name: str) -> np.ndarray:
+        if name in eager:
+            return eager[name]
+        try:
+            return npz[name]
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+    return LazyTensors(specs, get)
+
+
+def _npy_spec(npz, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) from a member's .npy header, or None where that is not a plain array."""
+    member = name + ".npy"
+    if member not in npz.zip.namelist():
+        return None
+    with npz.zip.open(member) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+        except ValueError:
+            return None
+    return None if dtype.hasobject else (shape, dtype)
 
 
 def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTConfig, dict[str, np.ndarray]]:
@@ -256,16 +384,22 @@ def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTCon
 
     Tensors with a NaN or an infinity are refused by name unless `allow_nonfinite` (to inspect a
     broken file)."""
+    cfg, params = open_reference(path, allow_nonfinite)
+    return cfg, dict(params)
+
+
+def open_reference(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTConfig, LazyTensors]:
+    """As load, but each tensor is read when asked for (and checked for NaN/inf then)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        params, metadata = read_safetensors(path)
+        params, metadata = open_safetensors(path)
         config_json = metadata.get(CONFIG_KEY)
     elif path.suffix == ".npz":
-        params = read_npz(path)
-        config = params.pop(NPZ_CONFIG_KEY, None)
-        config_json = None if config is None else config.tobytes().decode()
+        arrays = open_npz(path)
+        config_json = arrays[NPZ_CONFIG_KEY].tobytes().decode() if NPZ_CONFIG_KEY in arrays else None
+        params = LazyTensors({k: arrays.spec(k) for k in arrays if k != NPZ_CONFIG_KEY}, arrays.__getitem__)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
     if config_json is None:
@@ -278,16 +412,17 @@ def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTCon
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: the stored config is invalid: {_clip(str(e))}") from None
     _, values = tree_size(cfg)
-    held = sum(v.nbytes for v in params.values())
+    held = sum(math.prod(params.spec(k)[0]) * params.spec(k)[1].itemsize for k in params)
     if 2 * values > held:  # every parameter is a float of 2 bytes or more
         raise CheckpointError(
             f"{path}: the stored config implies {size_text(values)} parameters, at least "
             f"{size_text(2 * values)} bytes, but the file's tensors hold {held} bytes"
         )
     try:
-        validate_params(cfg, params, source=str(path))
+        validate_params(cfg, stand_ins(params), source=str(path))
     except ParamTreeError as e:
         raise CheckpointError(str(e)) from None
     if not allow_nonfinite:
-        _refuse_nonfinite(path, params, "")
+        raw = params
+        params = raw.checked(lambda name, value: _refuse_nonfinite_tensor(path, raw, value, ""))
     return cfg, params

@@ -7,8 +7,11 @@ NumPy-only except where a suffix needs its framework: torch for .pt/.pth/.bin (l
 
 from __future__ import annotations
 
+import os
 import re
+import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +19,12 @@ import numpy as np
 from vitspec.formats.checkpoint import (
     CheckpointError,
     atomic_write,
-    read_npz,
-    read_safetensors,
+    open_npz,
+    open_safetensors,
+    write_npz,
     write_safetensors,
 )
+from vitspec.formats.lazy import LazyTensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", ".npz", ".msgpack") + TORCH_SUFFIXES
@@ -37,53 +42,153 @@ _WEIGHTS_ONLY_REFUSAL = re.compile(
 
 def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The arrays of a file under flat names, and its string metadata (safetensors/npz only)."""
+    arrays, metadata = open_tensors(path)
+    return dict(arrays), metadata
+
+
+def open_tensors(path: str | Path) -> tuple[LazyTensors, dict[str, str]]:
+    """As read_tensors, but each tensor is read when asked for and not kept, where the file type
+    allows: .safetensors and .npz read one tensor from the file; torch files are memory-mapped
+    (torch.load(mmap=True), where the file is a zip, today's format) and each tensor copied out;
+    a .msgpack file is parsed whole (msgpack has no index), streamed from the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix
     if suffix == ".safetensors":
-        arrays, metadata = read_safetensors(path)
+        arrays, metadata = open_safetensors(path)
     elif suffix == ".npz":
-        arrays, metadata = read_npz(path), {}
+        arrays, metadata = open_npz(path), {}
     elif suffix in TORCH_SUFFIXES:
-        arrays, metadata = _read_torch(path), {}
+        arrays, metadata = _open_torch(path), {}
     elif suffix == ".msgpack":
-        arrays, metadata = _read_msgpack(path), {}
+        arrays, metadata = _in_memory(_read_msgpack(path)), {}
     else:
         raise CheckpointError(f"{path}: unknown suffix {suffix!r}; known: {list(SUFFIXES)}")
     return _strip_tree_prefix(arrays), metadata
 
 
-def write_tensors(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+def _in_memory(arrays: dict[str, np.ndarray]) -> LazyTensors:
+    return LazyTensors({k: (v.shape, v.dtype) for k, v in arrays.items()}, arrays.__getitem__)
+
+
+def write_tensors(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write flat arrays (or a LazyTensors, whose values are produced and written one at a time
+    where the file type allows: all but torch files, which torch.save writes from a whole dict)."""
     path = Path(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     if path.suffix == ".safetensors":
         write_safetensors(path, arrays)
     elif path.suffix == ".npz":
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: write_npz(f, _Contiguous(arrays)))
     elif path.suffix in TORCH_SUFFIXES:
         import torch
 
-        state_dict = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         atomic_write(path, lambda f: torch.save(state_dict, f))
     elif path.suffix == ".msgpack":
-        from flax import serialization, traverse_util
-
-        tree = traverse_util.unflatten_dict(arrays, sep="/")
-        atomic_write(path, lambda f: f.write(serialization.msgpack_serialize(tree)))
+        atomic_write(path, lambda f: write_msgpack(f, _Contiguous(arrays)))
     else:
         raise CheckpointError(f"{path}: unknown suffix {path.suffix!r}; known: {list(SUFFIXES)}")
 
 
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
+def _write_ndarray_ext(f, value: np.ndarray) -> None:
+    """Write what flax's _msgpack_ext_pack(value) packs, ExtType(ndarray, packb((shape, dtype name,
+    bytes))), with the array's bytes written from its own memory: packing copies them three times."""
+    import msgpack
+    from flax import serialization
+
+    n = value.nbytes
+    prefix = msgpack.packb((value.shape, value.dtype.name, b""), use_bin_type=True)[:-2]  # less bin8 b""
+    if n < 2**8:
+        prefix += b"\xc4" + struct.pack(">B", n)
+    elif n < 2**16:
+        prefix += b"\xc5" + struct.pack(">H", n)
+    else:
+        prefix += b"\xc6" + struct.pack(">I", n)
+    length, code = len(prefix) + n, struct.pack(">b", serialization._MsgpackExtType.ndarray)
+    fixext = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
+    if length in fixext:
+        head = fixext[length]
+    elif length < 2**8:
+        head = b"\xc7" + struct.pack(">B", length)
+    elif length < 2**16:
+        head = b"\xc8" + struct.pack(">H", length)
+    else:
+        head = b"\xc9" + struct.pack(">I", length)
+    f.write(head + code + prefix)
+    f.write(memoryview(value.reshape(-1).view(np.uint8)))
+
+
+class _Contiguous(Mapping):
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self._arrays = arrays
+
+    def __getitem__(self, key):
+        return np.ascontiguousarray(self._arrays[key])
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self):
+        return len(self._arrays)
+
+
+def write_msgpack(f, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write flat `a/b/c` arrays as flax's msgpack_serialize(unflatten_dict(arrays, sep="/")) does,
+    byte for byte, one array at a time (flax builds the whole file's bytes in memory first).
+
+    The nesting is written as msgpack maps with sorted keys (flax copies the tree with jax's
+    tree_map, which sorts them); each array is packed by flax's own ext packer, and one over flax's
+    chunk limit in flax's chunked form."""
+    import msgpack
+    from flax import serialization
+
+    tree: dict = {}
+    for name in arrays:
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(f"{name!r}: a tensor's name is also a prefix of another's")
+        if leaf in node:
+            raise CheckpointError(f"{name!r}: a tensor's name is also a prefix of another's")
+        node[leaf] = name
+    packer = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True)
+
+    def write(node) -> None:
+        if isinstance(node, str):
+            value = np.asarray(arrays[node])
+            if value.size * value.dtype.itemsize > serialization.MAX_CHUNK_SIZE:
+                f.write(packer.pack(serialization._chunk(value)))
+            elif value.dtype.hasobject or value.dtype.isalignedstruct or not value.flags.c_contiguous:
+                f.write(packer.pack(value))  # flax's own packing (and refusal)
+            else:
+                _write_ndarray_ext(f, value)
+            return
+        f.write(packer.pack_map_header(len(node)))
+        for key in sorted(node):  # flax's tree_map copy sorts every dict's keys
+            f.write(packer.pack(key))
+            write(node[key])
+
+    write(tree)
+
+
+def _open_torch(path: Path) -> LazyTensors:
+    """A torch state dict, memory-mapped where torch can (a zip file: torch.load(mmap=True)); each
+    tensor is copied into its own array when asked for."""
     import pickle
 
     import torch
 
+    errors = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as e:
-        raise _torch_refusal(path, e) from None
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except errors:  # a legacy (non-zip) file cannot be mapped; the plain load says what else is wrong
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except errors as e:
+            raise _torch_refusal(path, e) from None
     for wrapper in _STATE_DICT_WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -96,7 +201,16 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             f"{path}: entries that are not tensors: {foreign}; not a plain state dict "
             f"(wrappers understood: {list(_STATE_DICT_WRAPPERS)})"
         )
-    return {k: tensor_to_numpy(v) for k, v in obj.items()}
+    specs = {k: (tuple(v.shape), _numpy_dtype(v.dtype)) for k, v in obj.items()}
+    return LazyTensors(specs, lambda k: tensor_to_numpy(obj[k]))
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    import torch
+
+    if dtype in (torch.bfloat16, torch.float16):
+        return np.dtype(np.float32)
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _torch_refusal(path: Path, error: Exception) -> CheckpointError:
@@ -134,20 +248,46 @@ def tensor_to_numpy(tensor) -> np.ndarray:
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+    """flax's msgpack_restore, streamed from the file: the file's bytes are never all in memory
+    beside the arrays (msgpack_restore takes the whole file as one bytes object)."""
+    import msgpack
     from flax import serialization, traverse_util
 
-    try:
-        tree = serialization.msgpack_restore(path.read_bytes())
-    except ValueError as e:  # msgpack's errors on a bad or truncated file are all ValueErrors
-        raise CheckpointError(f"{path}: not a readable flax msgpack file ({type(e).__name__}: {e})") from None
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        unpacker = msgpack.Unpacker(
+            f,
+            ext_hook=serialization._msgpack_ext_unpack,
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=max(size, 1 << 20),
+        )
+        try:
+            tree = unpacker.unpack()
+            try:
+                unpacker.unpack()
+            except msgpack.OutOfData:
+                pass
+            else:
+                raise msgpack.ExtraData(tree, b"")
+            tree = serialization._unchunk_array_leaves_in_place(tree)
+        except msgpack.OutOfData:  # as msgpack_restore words it
+            raise CheckpointError(
+                f"{path}: not a readable flax msgpack file (ValueError: Unpack failed: incomplete input)"
+            ) from None
+        except ValueError as e:  # msgpack's other errors on a bad file are all ValueErrors
+            raise CheckpointError(
+                f"{path}: not a readable flax msgpack file ({type(e).__name__}: {e})"
+            ) from None
     if not isinstance(tree, dict):
         raise CheckpointError(f"{path}: holds a {type(tree).__name__}, not a parameter tree")
     flat = traverse_util.flatten_dict(tree, sep="/")
     return {k: np.asarray(v) for k, v in flat.items()}
 
 
-def _strip_tree_prefix(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _strip_tree_prefix(arrays: LazyTensors) -> LazyTensors:
     for prefix in _TREE_PREFIXES:
-        if arrays and all(k.startswith(prefix) for k in arrays):
-            return {k[len(prefix) :]: v for k, v in arrays.items()}
+        if len(arrays) and all(k.startswith(prefix) for k in arrays):
+            specs = {k[len(prefix) :]: arrays.spec(k) for k in arrays}
+            return LazyTensors(specs, lambda k, prefix=prefix: arrays[prefix + k])
     return arrays

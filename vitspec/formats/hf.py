@@ -30,7 +30,7 @@ import numpy as np
 
 from vitspec.config import ViTConfig
 from vitspec.formats.base import Format, count_blocks, optional_dim, require
-from vitspec.formats.files import read_tensors
+from vitspec.formats.files import open_tensors
 from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
 
@@ -209,7 +209,7 @@ def read_directory(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path / CONFIG_FILE}: not JSON ({e})") from None
-    return read_tensors(weights)[0], stated_fields(config, path / CONFIG_FILE)
+    return open_tensors(weights)[0], stated_fields(config, path / CONFIG_FILE)
 
 
 def stated_fields(config: Any, where: Path | str) -> dict[str, Any]:
