@@ -13,6 +13,7 @@ import vitspec
 from parity_tests.strategies import configs, random_params
 from vitspec import CheckpointError
 from vitspec.formats import checkpoint as ckpt
+from vitspec.formats import safetensors_file
 
 
 @settings(max_examples=10)
@@ -50,7 +51,7 @@ def test_bfloat16_tensors_are_widened_exactly(tmp_path):
     bf16_bits = (values.view(np.uint32) >> 16).astype("<u2")
     header = json.dumps({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "bf.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bf16_bits.tobytes())
-    tensors, _ = ckpt.read_safetensors(tmp_path / "bf.safetensors")
+    tensors, _ = safetensors_file.read_safetensors(tmp_path / "bf.safetensors")
     np.testing.assert_array_equal(tensors["w"], (bf16_bits.astype(np.uint32) << 16).view(np.float32))
 
 
@@ -94,7 +95,7 @@ def test_foreign_files_are_named(tmp_path):
 
 def test_tree_not_matching_its_config_names_the_keys(saved, tmp_path):
     cfg, path = saved
-    tensors, metadata = ckpt.read_safetensors(path)
+    tensors, metadata = safetensors_file.read_safetensors(path)
     tensors["head/kernel"] = np.zeros((192, 7), np.float32)
     del tensors["norm/bias"]
     save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
@@ -103,7 +104,8 @@ def test_tree_not_matching_its_config_names_the_keys(saved, tmp_path):
     assert "missing keys (1): ['norm/bias']" in str(e.value)
     assert "head/kernel: expected (192, 10), got (192, 7)" in str(e.value)
     bad_config = dict(metadata, **{ckpt.CONFIG_KEY: json.dumps({**cfg.to_dict(), "num_heads": 5})})
-    save_file(ckpt.read_safetensors(path)[0], tmp_path / "badcfg.safetensors", metadata=bad_config)
+    tensors = safetensors_file.read_safetensors(path)[0]
+    save_file(tensors, tmp_path / "badcfg.safetensors", metadata=bad_config)
     with pytest.raises(
         CheckpointError, match="the stored config is invalid: num_heads=5 does not divide width=192"
     ):

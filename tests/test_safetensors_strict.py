@@ -20,6 +20,7 @@ import vitspec
 from parity_tests.strategies import SMALL_FIELDS
 from vitspec import CheckpointError
 from vitspec.formats import checkpoint as ckpt
+from vitspec.formats import safetensors_file
 
 MAX_MESSAGE = 400
 F32 = np.arange(4, dtype=np.float32).tobytes()
@@ -37,7 +38,7 @@ def entry(shape, begin, end, dtype="F32"):
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
 
 
-def refused(path: Path, match: str, read=ckpt.read_safetensors) -> str:
+def refused(path: Path, match: str, read=safetensors_file.read_safetensors) -> str:
     """The message of the CheckpointError reading `path` raises; nothing else may escape."""
     with pytest.raises(CheckpointError, match=match) as e:
         read(path)
@@ -142,7 +143,7 @@ def tiny(tmp_path):
 @pytest.mark.parametrize("depth", [10**6, 10**7])
 def test_a_config_far_larger_than_its_file_is_refused_before_building_it(tiny, depth):
     cfg, tiny_path = tiny
-    tensors, metadata = ckpt.read_safetensors(tiny_path)
+    tensors, metadata = safetensors_file.read_safetensors(tiny_path)
     path = tiny_path.with_name("deep.safetensors")
     save_file(tensors, path, metadata={**metadata, ckpt.CONFIG_KEY: cfg.replace(depth=depth).to_json()})
     assert path.stat().st_size < 10_000
@@ -180,7 +181,7 @@ def test_mismatch_messages_list_the_first_keys_and_a_count(tiny):
 
 def test_a_deeply_nested_stored_config_is_a_named_error(tiny):
     _, tiny_path = tiny
-    tensors, metadata = ckpt.read_safetensors(tiny_path)
+    tensors, metadata = safetensors_file.read_safetensors(tiny_path)
     path = tiny_path.with_name("nested.safetensors")
     save_file(tensors, path, metadata={**metadata, ckpt.CONFIG_KEY: "[" * 100_000 + "]" * 100_000})
     refused(path, "the stored config is invalid", read=vitspec.load)
@@ -206,13 +207,13 @@ def test_a_file_replaced_while_being_checked_is_not_read(tiny, monkeypatch):
     cfg, path = tiny
     other = path.with_name("other.safetensors")
     vitspec.save(other, cfg.replace(num_classes=2), vitspec.init_params(cfg.replace(num_classes=2)))
-    checked = ckpt.safe_open
+    checked = safetensors_file.safe_open
 
     def replaced_meanwhile(*args, **kwargs):
         other.replace(path)
         return checked(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "safe_open", replaced_meanwhile)
+    monkeypatch.setattr(safetensors_file, "safe_open", replaced_meanwhile)
     refused(path, "replaced by another file while being read")
 
 
@@ -329,7 +330,7 @@ def decoded_independently(path: Path) -> tuple[dict[str, np.ndarray], dict[str, 
 
 def outcome(path: Path) -> str:
     """Read and load `path`: a named refusal's class, or "loaded exactly" after checking contents."""
-    read = bounded(ckpt.read_safetensors, path)
+    read = bounded(safetensors_file.read_safetensors, path)
     if isinstance(read, str):
         return "reader: " + read
     tensors, metadata = read

@@ -12,16 +12,15 @@ import pytest
 import vitspec
 from vitspec.app.convert import convert
 from vitspec.formats import hf, open_with_notes, timm
-from vitspec.formats.checkpoint import (
-    CheckpointError,
-    open_npz,
-    open_safetensors,
-    read_safetensors,
-    write_npz,
-    write_safetensors,
-)
+from vitspec.formats.checkpoint import open_npz, write_npz
 from vitspec.formats.files import _read_msgpack, open_tensors, read_tensors, write_msgpack, write_tensors
 from vitspec.formats.lazy import LazyTensors
+from vitspec.formats.safetensors_file import (
+    CheckpointError,
+    open_safetensors,
+    read_safetensors,
+    write_safetensors,
+)
 
 
 def _tree(rng) -> dict[str, np.ndarray]:

@@ -16,15 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vitspec.formats.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    open_npz,
-    open_safetensors,
-    write_npz,
-    write_safetensors,
-)
+from vitspec.formats.atomic import atomic_write
+from vitspec.formats.checkpoint import open_npz, write_npz
 from vitspec.formats.lazy import LazyTensors
+from vitspec.formats.safetensors_file import CheckpointError, open_safetensors, write_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", ".npz", ".msgpack") + TORCH_SUFFIXES

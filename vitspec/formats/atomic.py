@@ -1,0 +1,41 @@
+"""Files written whole or not at all: a temp file beside the target, fsynced, renamed over it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> None:
+    """Call write(file) on a temp file beside `path`, fsync, then rename it over `path`.
+
+    The file gets the permissions an ordinary write would give it (0666 less the umask; the temp
+    file's own are 0600). A symlink is written through: the file it points to is replaced and the
+    link kept, as an ordinary write would (a `latest.pt` link stays a link). Temp files that an
+    earlier killed write to the same path left behind (our naming: .<name>.*.tmp) are removed first.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
