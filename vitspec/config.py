@@ -12,9 +12,11 @@ import json
 import sys
 from typing import Any
 
-POOLS = ("token", "gap", "map", "none")
-POSEMBS = ("learned", "sincos2d", "none")
-GELUS = ("exact", "tanh")
+POOLS = ("token", "gap", "max", "avgmax", "sum", "map", "none")
+TOKEN_POOLS = ("gap", "max", "avgmax", "sum")  # parameter-free reductions over the tokens
+POSEMBS = ("learned", "sincos2d", "sinusoidal_1d", "sinusoidal_2d", "none")
+FIXED_POSEMBS = ("sincos2d", "sinusoidal_1d", "sinusoidal_2d")
+GELUS = ("exact", "tanh", "quick")
 DROP_PATH_SCHEDULES = ("linear", "constant")
 
 
@@ -64,7 +66,22 @@ class ViTConfig:
 
     Numerics that differ across ecosystems: `ln_eps` (timm and big_vision 1e-6, torch default
     1e-5, HF 1e-12) and `gelu` ("exact" = erf form, timm/HF; "tanh" = the approximation, which is
-    what flax's `nn.gelu` computes by default and so what big_vision checkpoints were trained with).
+    what flax's `nn.gelu` computes by default and so what big_vision checkpoints were trained with;
+    "quick" = x * sigmoid(1.702 x), OpenAI CLIP's).
+
+    The families around the plain ViT: `pre_norm` is a LayerNorm over all tokens after the position
+    embedding (timm `norm_pre`, CLIP `pre_layrnorm`); `patch_bias=False` drops the patch
+    embedding's bias (CLIP); `final_norm=False` drops the encoder's last LayerNorm (timm
+    `final_norm=False`, vit-flax before pooling); `proj_bias=False` drops the biases of each
+    block's attention output projection and of both MLP layers (timm `proj_bias`). Pools "max",
+    "avgmax" ((mean + max) / 2, timm) and "sum" (Scenic `gsp`) reduce the tokens as "gap" does;
+    `pool_include_prefix` makes those pools (and "map") see the class/distillation/register
+    tokens too (timm `pool_include_prefix`; vit-flax's mean). `distilled` adds DeiT's
+    distillation token after the class token and a second head on it (`head_dist`): the output is
+    the mean of both heads' logits (DeiT at inference; with `num_classes=0`, the mean of the two
+    tokens). `attention_dim` (default `width`) is heads x head width of the blocks' attention,
+    free of the model width (vit-flax `heads * dim_head`). `posemb` "sinusoidal_1d" and
+    "sinusoidal_2d" are Scenic's fixed embeddings, "sincos2d" big_vision's (SPEC.md section 3).
 
     CaiT (Touvron et al. 2021, arXiv:2103.17239): `talking_heads` mixes the attention logits across
     heads before the softmax and the weights after it (two learned heads x heads maps with biases);
@@ -102,6 +119,13 @@ class ViTConfig:
     talking_heads: bool = False
     class_attention_depth: int = 0
     class_attention_mlp_dim: int | None = None
+    pre_norm: bool = False
+    patch_bias: bool = True
+    final_norm: bool = True
+    proj_bias: bool = True
+    pool_include_prefix: bool = False
+    distilled: bool = False
+    attention_dim: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -118,10 +142,19 @@ class ViTConfig:
             _positive_int(name, getattr(self, name))
         _positive_int("num_classes", self.num_classes, minimum=0)
         _positive_int("num_registers", self.num_registers, minimum=0)
-        if self.width % self.num_heads:
+        if self.attention_dim is None:
+            if self.width % self.num_heads:
+                raise ValueError(
+                    f"num_heads={self.num_heads} does not divide width={self.width} "
+                    f"(width % num_heads = {self.width % self.num_heads}); set attention_dim for an "
+                    "attention of another width"
+                )
+            set_("attention_dim", self.width)
+        _positive_int("attention_dim", self.attention_dim)
+        if self.attention_dim % self.num_heads:
             raise ValueError(
-                f"num_heads={self.num_heads} does not divide width={self.width} "
-                f"(width % num_heads = {self.width % self.num_heads})"
+                f"num_heads={self.num_heads} does not divide attention_dim={self.attention_dim} "
+                f"(attention_dim % num_heads = {self.attention_dim % self.num_heads})"
             )
         _choice("pool", self.pool, POOLS)
         _choice("posemb", self.posemb, POSEMBS)
@@ -130,11 +163,14 @@ class ViTConfig:
             set_("class_token", self.pool == "token")
         if self.posemb_on_cls is None:  # a CaiT's class token enters after the posemb
             set_("posemb_on_cls", not self.class_attention_depth)
-        for name in ("class_token", "posemb_on_cls", "fc_norm", "qkv_bias", "qk_norm", "talking_heads"):
+        booleans = ("class_token", "posemb_on_cls", "fc_norm", "qkv_bias", "qk_norm", "talking_heads")
+        booleans += ("pre_norm", "patch_bias", "final_norm", "proj_bias", "pool_include_prefix", "distilled")
+        for name in booleans:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' reads the class token, but class_token=False")
+        self._check_families()
         if self.representation_size is not None:
             _positive_int("representation_size", self.representation_size)
         if self.layer_scale is not None and (
@@ -149,17 +185,49 @@ class ViTConfig:
             _rate(name, getattr(self, name))
         _choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
         self._check_class_attention(set_)
-        if self.posemb == "sincos2d":
+        if self.posemb in ("sincos2d", "sinusoidal_2d"):
             if self.width % 4 or self.width < 8:
                 raise ValueError(
-                    f"posemb='sincos2d' needs width divisible by 4 and >= 8 (sin/cos of x and y), "
+                    f"posemb={self.posemb!r} needs width divisible by 4 and >= 8 (sin/cos of x and y), "
                     f"got width={self.width}"
                 )
-            if self.posemb_on_cls and self.num_prefix_tokens:
-                raise ValueError(
-                    "posemb='sincos2d' is defined on the patch grid only: set posemb_on_cls=False "
-                    f"(the model has {self.num_prefix_tokens} class/register token(s))"
+        if self.posemb == "sinusoidal_1d" and self.width % 2:
+            raise ValueError(
+                f"posemb='sinusoidal_1d' needs an even width (sin and cos), got width={self.width}"
+            )
+        if self.posemb in FIXED_POSEMBS and self.posemb_on_cls and self.num_prefix_tokens:
+            raise ValueError(
+                f"posemb={self.posemb!r} is defined on the patch grid only: set posemb_on_cls=False "
+                f"(the model has {self.num_prefix_tokens} class/distillation/register token(s))"
+            )
+
+    def _check_families(self) -> None:
+        if self.distilled:
+            conflicts = [
+                text
+                for text, bad in (
+                    ("pool must be 'token'", self.pool != "token"),
+                    ("fc_norm must be False", self.fc_norm),
+                    ("representation_size must be None", self.representation_size is not None),
+                    ("class_attention_depth must be 0", self.class_attention_depth),
                 )
+                if bad
+            ]
+            if conflicts:
+                raise ValueError(
+                    "distilled=True (DeiT: heads on the class and distillation tokens): "
+                    + "; ".join(conflicts)
+                )
+        if self.fc_norm and not self.final_norm:
+            raise ValueError(
+                "fc_norm=True moves the final norm after pooling, but final_norm=False has none "
+                "(timm's final_norm=False drops both)"
+            )
+        if self.pool_include_prefix and self.pool not in (*TOKEN_POOLS, "map"):
+            raise ValueError(
+                f"pool_include_prefix=True: pool={self.pool!r} does not reduce over tokens "
+                f"(it applies to {', '.join(map(repr, (*TOKEN_POOLS, 'map')))})"
+            )
 
     def _check_class_attention(self, set_) -> None:
         _positive_int("class_attention_depth", self.class_attention_depth, minimum=0)
@@ -182,6 +250,7 @@ class ViTConfig:
                 ("fc_norm must be False", self.fc_norm),
                 ("qk_norm must be False", self.qk_norm),
                 ("representation_size must be None", self.representation_size is not None),
+                ("pool_include_prefix must be False", self.pool_include_prefix),
             )
             if bad
         ]
@@ -212,7 +281,9 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches in the self-attention blocks (CaiT's class token enters later)."""
-        return 0 if self.class_attention_depth else int(self.class_token) + self.num_registers
+        if self.class_attention_depth:
+            return 0
+        return int(self.class_token) + int(self.distilled) + self.num_registers
 
     @property
     def num_tokens(self) -> int:
@@ -220,7 +291,7 @@ class ViTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.width // self.num_heads
+        return self.attention_dim // self.num_heads
 
     @property
     def posemb_length(self) -> int:

@@ -31,24 +31,33 @@ def _dense(prefix: str, d_in: int, d_out: int, bias: bool = True) -> dict[str, t
 
 
 def _attention(
-    prefix: str, cfg: ViTConfig, qkv_bias: bool, qk_norm: bool, talking_heads: bool = False
+    prefix: str,
+    cfg: ViTConfig,
+    qkv_bias: bool,
+    qk_norm: bool,
+    talking_heads: bool = False,
+    inner: int | None = None,
+    out_bias: bool = True,
 ) -> dict[str, tuple[int, ...]]:
     d, h = cfg.width, cfg.num_heads
+    inner = inner or d  # heads x head width
     shapes: dict[str, tuple[int, ...]] = {}
     for name in ("query", "key", "value"):
-        shapes |= _dense(f"{prefix}/{name}", d, d, bias=qkv_bias)
+        shapes |= _dense(f"{prefix}/{name}", d, inner, bias=qkv_bias)
     if qk_norm:
-        shapes |= _layer_norm(f"{prefix}/q_norm", cfg.head_dim)
-        shapes |= _layer_norm(f"{prefix}/k_norm", cfg.head_dim)
+        shapes |= _layer_norm(f"{prefix}/q_norm", inner // h)
+        shapes |= _layer_norm(f"{prefix}/k_norm", inner // h)
     if talking_heads:  # [heads in, heads out]: the logits' mix, then the weights'
         shapes |= _dense(f"{prefix}/talk_logits", h, h) | _dense(f"{prefix}/talk_weights", h, h)
-    shapes |= _dense(f"{prefix}/out", d, d)
+    shapes |= _dense(f"{prefix}/out", inner, d, bias=out_bias)
     return shapes
 
 
-def _mlp(prefix: str, cfg: ViTConfig, hidden: int | None = None) -> dict[str, tuple[int, ...]]:
+def _mlp(
+    prefix: str, cfg: ViTConfig, hidden: int | None = None, bias: bool = True
+) -> dict[str, tuple[int, ...]]:
     hidden = hidden or cfg.mlp_dim
-    return _dense(f"{prefix}/fc1", cfg.width, hidden) | _dense(f"{prefix}/fc2", hidden, cfg.width)
+    return _dense(f"{prefix}/fc1", cfg.width, hidden, bias) | _dense(f"{prefix}/fc2", hidden, cfg.width, bias)
 
 
 def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
@@ -76,25 +85,32 @@ def _stem_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     ph, pw = cfg.patch_size
     shapes: dict[str, tuple[int, ...]] = {
         "patch_embed/kernel": (ph, pw, cfg.in_channels, d),
-        "patch_embed/bias": (d,),
     }
+    if cfg.patch_bias:
+        shapes["patch_embed/bias"] = (d,)
     if cfg.class_token:
         shapes["cls_token"] = (d,)
+    if cfg.distilled:
+        shapes["dist_token"] = (d,)
     if cfg.num_registers:
         shapes["reg_tokens"] = (cfg.num_registers, d)
     if cfg.posemb == "learned":
         shapes["pos_embed"] = (cfg.posemb_length, d)
+    if cfg.pre_norm:
+        shapes |= _layer_norm("pre_norm", d)
     return shapes
 
 
 def _block_shapes(cfg: ViTConfig, i: int) -> dict[str, tuple[int, ...]]:
     d, b = cfg.width, f"blocks/{i}"
     shapes = _layer_norm(f"{b}/norm1", d)
-    shapes |= _attention(f"{b}/attn", cfg, cfg.qkv_bias, cfg.qk_norm, cfg.talking_heads)
+    shapes |= _attention(
+        f"{b}/attn", cfg, cfg.qkv_bias, cfg.qk_norm, cfg.talking_heads, cfg.attention_dim, cfg.proj_bias
+    )
     if cfg.layer_scale is not None:
         shapes[f"{b}/ls1/scale"] = (d,)
     shapes |= _layer_norm(f"{b}/norm2", d)
-    shapes |= _mlp(f"{b}/mlp", cfg)
+    shapes |= _mlp(f"{b}/mlp", cfg, bias=cfg.proj_bias)
     if cfg.layer_scale is not None:
         shapes[f"{b}/ls2/scale"] = (d,)
     return shapes
@@ -104,11 +120,13 @@ def _class_block_shapes(cfg: ViTConfig, j: int) -> dict[str, tuple[int, ...]]:
     """CaiT's class-attention block: a block's parameters, its own MLP width, plain attention."""
     d, b = cfg.width, f"class_blocks/{j}"
     shapes = _layer_norm(f"{b}/norm1", d)
-    shapes |= _attention(f"{b}/attn", cfg, qkv_bias=cfg.qkv_bias, qk_norm=False)
+    shapes |= _attention(
+        f"{b}/attn", cfg, cfg.qkv_bias, False, inner=cfg.attention_dim, out_bias=cfg.proj_bias
+    )
     if cfg.layer_scale is not None:
         shapes[f"{b}/ls1/scale"] = (d,)
     shapes |= _layer_norm(f"{b}/norm2", d)
-    shapes |= _mlp(f"{b}/mlp", cfg, cfg.class_attention_mlp_dim)
+    shapes |= _mlp(f"{b}/mlp", cfg, cfg.class_attention_mlp_dim, cfg.proj_bias)
     if cfg.layer_scale is not None:
         shapes[f"{b}/ls2/scale"] = (d,)
     return shapes
@@ -117,7 +135,7 @@ def _class_block_shapes(cfg: ViTConfig, j: int) -> dict[str, tuple[int, ...]]:
 def _tail_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     d = cfg.width
     shapes: dict[str, tuple[int, ...]] = {}
-    if not cfg.fc_norm:
+    if cfg.final_norm and not cfg.fc_norm:
         shapes |= _layer_norm("norm", d)
     if cfg.pool == "map":
         # big_vision's MAPHead / timm's AttentionPoolLatent: always biased, no qk-norm.
@@ -131,6 +149,8 @@ def _tail_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         shapes |= _dense("pre_logits", d, cfg.representation_size)
     if cfg.num_classes:
         shapes |= _dense("head", cfg.feature_dim, cfg.num_classes)
+        if cfg.distilled:
+            shapes |= _dense("head_dist", cfg.feature_dim, cfg.num_classes)
     return shapes
 
 
@@ -166,7 +186,7 @@ def _init_one(rng: np.random.Generator, name: str, shape: tuple[int, ...], cfg: 
         return _lecun_normal(rng, shape, fan_in=shape[0] * shape[1] * shape[2])
     if name == "pre_logits/kernel":
         return _lecun_normal(rng, shape, fan_in=shape[0])
-    if name.startswith("head/") or name == "cls_token":
+    if name.startswith(("head/", "head_dist/")) or name in ("cls_token", "dist_token"):
         return np.zeros(shape)
     if name == "pos_embed":
         return rng.normal(0.0, 0.02, size=shape)
