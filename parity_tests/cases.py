@@ -19,7 +19,7 @@ from parity_tests.relabel import (
     restore_params,
     restore_values,
 )
-from parity_tests.strategies import cait_configs, configs, random_images, random_params
+from parity_tests.strategies import cait_configs, configs, family_configs, random_images, random_params
 from parity_tests.tolerances import assert_close_lowp
 from vitspec.reference import smoothed_targets, softmax
 
@@ -110,6 +110,9 @@ def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
 
 cases = st.builds(Case, configs(), st.integers(0, 2**16), st.integers(1, 3))
 cait_cases = st.builds(Case, cait_configs(), st.integers(0, 2**16), st.integers(1, 3))
+# The ViT families' knobs (parity_tests.strategies.family_configs); float64 only: the float32
+# yardstick's relabelings (parity_tests.relabel) do not permute their parameters.
+family_cases = st.builds(Case, family_configs(), st.integers(0, 2**16), st.integers(1, 3))
 
 
 def head_propagated_error(case: Case, ref64: dict, own_named: list[dict]) -> dict[str, float]:

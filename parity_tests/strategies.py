@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from vitspec.config import ViTConfig
 from vitspec.gradcheck import random_images, random_params
 
-__all__ = ["cait_configs", "configs", "random_images", "random_params"]
+__all__ = ["cait_configs", "configs", "family_configs", "random_images", "random_params"]
 
 # The small config the unit tests start from (each replaces the fields it is about).
 SMALL_FIELDS = dict(
@@ -100,4 +100,45 @@ def cait_configs(draw: st.DrawFn, *, max_depth: int = 2) -> ViTConfig:
         talking_heads=draw(st.booleans()),
         class_attention_depth=draw(st.integers(1, 2)),
         class_attention_mlp_dim=draw(st.sampled_from([None, 4, 12, 32])),
+    )
+
+
+@st.composite
+def family_configs(draw: st.DrawFn, *, max_depth: int = 2) -> ViTConfig:
+    """`configs()` (a CaiT one time in four) with the ViT families' knobs drawn on top: quick GELU,
+    pre-norm, patch and projection biases, the final norm, attention_dim, Scenic's posembs, and for
+    a ViT the token pools with pool_include_prefix and DeiT's distillation token. A separate
+    strategy: the formats `configs()` feeds mostly lack these knobs."""
+    cait = draw(st.sampled_from([False, False, False, True]))
+    cfg = draw(cait_configs(max_depth=max_depth) if cait else configs(max_depth=max_depth))
+    distilled = not cait and draw(st.booleans())
+    pool = cfg.pool
+    if not cait:
+        pool = (
+            "token"
+            if distilled
+            else draw(st.sampled_from(["token", "gap", "max", "avgmax", "sum", "map", "none"]))
+        )
+    class_token = cfg.class_token or pool == "token"
+    prefix = not cait and (class_token or distilled or cfg.num_registers)
+    posemb = draw(st.sampled_from(["learned", "sincos2d", "sinusoidal_1d", "sinusoidal_2d", "none"]))
+    grid_posemb = posemb in ("sincos2d", "sinusoidal_2d")
+    # Head widths as configs() has them (qk-norm heads >= 4 wide), now free of the model width.
+    head_dim = draw(st.sampled_from([4, 6] if cfg.qk_norm else [2, 4, 6]))
+    fc_norm = cfg.fc_norm and not distilled
+    return cfg.replace(
+        gelu=draw(st.sampled_from(["exact", "tanh", "quick"])),
+        pre_norm=draw(st.booleans()),
+        patch_bias=draw(st.booleans()),
+        proj_bias=draw(st.booleans()),
+        fc_norm=fc_norm,
+        final_norm=fc_norm or draw(st.booleans()),
+        pool=pool,
+        class_token=class_token,
+        pool_include_prefix=pool not in ("token", "none") and draw(st.booleans()),
+        distilled=distilled,
+        representation_size=None if distilled else cfg.representation_size,
+        attention_dim=head_dim * cfg.num_heads,
+        posemb=posemb,
+        posemb_on_cls=cfg.posemb_on_cls and not (prefix and grid_posemb),
     )

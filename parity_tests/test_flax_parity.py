@@ -31,7 +31,7 @@ from backends.flax_vit import (
     VisionTransformer,
     cross_entropy,
     from_reference,
-    model,
+    layers,
     module_for,
     to_reference,
 )
@@ -104,7 +104,7 @@ def check_float32(case: Case) -> None:
 def check_explicit_attention_float32(case: Case) -> None:
     # These tests run in eval mode, which takes jax.nn.dot_product_attention in float32; training on
     # the CPU takes the explicit attention instead, held to the same bound here.
-    with mock.patch.object(model, "fused_attention_pays", return_value=False) as pays:
+    with mock.patch.object(layers, "fused_attention_pays", return_value=False) as pays:
         named, grads = flax_named_and_grads(case, np.float32)
     assert pays.called
     assert_float32_close(case, named, grads)

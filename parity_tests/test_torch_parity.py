@@ -10,7 +10,9 @@ reference's own bfloat16 error, float64 math on parameters and images rounded to
 (the numbers behind the low-precision rows of the tolerance table); `--cait` draws CaiT cases.
 
 CaiT (`class_attention_depth > 0`, backends.torch_vit.Cait) runs through the same checks on its
-own strategy (`cait_cases`), with a smaller example budget.
+own strategy (`cait_cases`), with a smaller example budget; the ViT families' knobs (quick GELU,
+pre-norm, the optional biases and final norm, the token pools, DeiT's distillation token,
+attention_dim, Scenic's posembs) through the float64 check on `family_cases`.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from parity_tests.cases import (
     assert_float32_close,
     cait_cases,
     cases,
+    family_cases,
     uses_cross_entropy,
 )
-from parity_tests.strategies import configs, random_params
+from parity_tests.strategies import configs, family_configs, random_params
 from parity_tests.tolerances import assert_close_f64
 
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 # CaiT examples per test: on top of the ViT's, a few cover its knobs (~0.1 s each).
 CAIT_EXAMPLES = 12
+# The families' knobs: one float64 check (~0.3 s of CPU each).
+FAMILY_EXAMPLES = 15
 
 
 def torch_model(cfg, params, dtype) -> torch.nn.Module:
@@ -158,7 +163,15 @@ def test_cait_bfloat16_autocast_error_within_k_of_reference_own(case):
     check_bfloat16(case)
 
 
-@given(configs(), st.integers(0, 2**16), st.sampled_from([np.float32, np.float64]))
+@settings(max_examples=FAMILY_EXAMPLES)
+@given(family_cases)
+def test_families_float64_matches_reference(case):
+    check_float64(case)
+
+
+@given(
+    st.one_of(configs(), family_configs()), st.integers(0, 2**16), st.sampled_from([np.float32, np.float64])
+)
 def test_round_trip_reference_torch_reference_is_bit_exact(cfg, seed, dtype):
     params = random_params(cfg, seed, dtype)
     back = to_reference(from_reference(params, cfg), cfg)

@@ -11,7 +11,6 @@ tensor's scale), so they follow each other.
 from __future__ import annotations
 
 import functools
-from unittest import mock
 
 import jax
 import numpy as np
@@ -165,9 +164,9 @@ def test_backends_decay_exactly_the_reference_names_that_decay():
 
 # CaiT (talking heads, two class blocks, LayerScale) trained with every rate on and a constant
 # stochastic-depth schedule, so the masks matter. With the rates there is no reference trajectory
-# (the reference is the eval-mode map), and each backend draws its masks from its own RNG, so both
-# take them from one source (`SharedMasks`): torch and flax must then follow each other to the
-# bounds above. (Without rates, CaiT's float64 gradients are the reference's: tests/test_*_cait.py.)
+# (the reference is the eval-mode map), but both backends draw their masks from vitspec.masks' counter
+# hash of (seed, step, site, example, element), bit for bit alike (tests/test_data_parallel.py), so
+# torch and flax must follow each other to the bounds above, unpatched.
 CAIT_CFG = CFG.replace(
     talking_heads=True,
     class_attention_depth=2,
@@ -177,103 +176,6 @@ CAIT_CFG = CFG.replace(
     drop_path_schedule="constant",
 )
 CAIT_RATES = dict(dropout=0.1, attention_dropout=0.1, stochastic_depth=0.25)
-
-
-class SharedMasks:
-    """Dropout and stochastic-depth keep-masks as a function of (step, site): the site is the order
-    in which a forward pass draws (both backends draw in timm's order: tokens, then per block the
-    attention weights, the projection, the attention branch's drop-path, the MLP's hidden units,
-    fc2's output, the MLP branch's drop-path). Each backend is patched to draw from here; `drawn`
-    records (step, site, shape, keep probability) per backend, so the two can be checked to draw alike."""
-
-    def __init__(self):
-        self.drawn: dict[str, list[tuple]] = {"torch": [], "flax": []}
-        self.site = 0
-
-    @staticmethod
-    def mask(step: int, site: int, shape: tuple[int, ...], keep: float) -> np.ndarray:
-        return np.random.default_rng([SEED, step, site]).random(shape) < keep
-
-    def torch_mask(self, step: int, shape, keep: float) -> torch.Tensor:
-        site, self.site = self.site, self.site + 1
-        self.drawn["torch"].append((step, site, tuple(shape), keep))
-        return torch.from_numpy(self.mask(step, site, tuple(shape), keep))
-
-    def flax_mask(self, step, shape, keep: float):
-        """At trace time: a site number, and a host callback that draws at run time for the step."""
-        site, self.site = self.site, self.site + 1
-        shape = tuple(shape)
-
-        def draw(step_value):
-            self.drawn["flax"].append((int(step_value), site, shape, keep))
-            return self.mask(int(step_value), site, shape, keep)
-
-        return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, np.bool_), step)
-
-
-def torch_shared_trajectory(cfg, masks: SharedMasks):
-    """The torch backend's 20 steps with F.dropout and DropPath drawing from `masks`."""
-    from backends.torch_vit import model as torch_model
-
-    step = 0
-
-    def dropout(x, p=0.5, training=True, inplace=False):
-        if not training or p == 0.0:
-            return x
-        return torch.where(masks.torch_mask(step, x.shape, 1 - p), x / (1 - p), torch.zeros_like(x))
-
-    def drop_path(self, x):
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = masks.torch_mask(step, (x.shape[0],) + (1,) * (x.ndim - 1), 1 - self.rate)
-        return torch.where(keep, x / (1 - self.rate), torch.zeros_like(x))
-
-    params = vitspec.init_params(cfg, SEED, dtype=np.float64)
-    backend = TorchBackend(cfg, params, RECIPE, normalization_table(STATS), "fp64", SEED, device="cpu")
-    losses = []
-    with (
-        mock.patch.object(torch.nn.functional, "dropout", dropout),
-        mock.patch.object(torch_model.DropPath, "forward", drop_path),
-    ):
-        for step, batch in enumerate(batches()):
-            masks.site = 0
-            loss, _ = backend.train_step(batch.images, batch.labels, learning_rate(step, RECIPE))
-            losses.append(float(loss))
-    return losses, backend.reference_params()
-
-
-def flax_shared_trajectory(cfg, masks: SharedMasks):
-    """The flax backend's 20 steps (one compile) with flax's Dropout drawing from `masks`: the step
-    reaches the host callback through the step's dropout key, `fold_in(key(seed), step)`."""
-    import flax.linen.stochastic as stochastic
-
-    key_steps = {
-        jax.random.key_data(jax.random.fold_in(jax.random.key(SEED), s)).tobytes(): s for s in range(STEPS)
-    }
-    traced_step = []
-
-    def bernoulli(rng, p, shape):
-        return masks.flax_mask(traced_step[-1], shape, float(p))
-
-    original = flax_train.train_step
-
-    def train_step(module, recipe, decay, params, mu, nu, images, labels, table, hyper, dropout_key):
-        def step_of(data):
-            return np.int32(key_steps[np.asarray(data).tobytes()])
-
-        data = jax.random.key_data(dropout_key)
-        traced_step.append(jax.pure_callback(step_of, jax.ShapeDtypeStruct((), np.int32), data))
-        masks.site = 0
-        return original(module, recipe, decay, params, mu, nu, images, labels, table, hyper, dropout_key)
-
-    fake_random = mock.Mock(wraps=stochastic.random, bernoulli=bernoulli)
-    params = vitspec.init_params(cfg, SEED, dtype=np.float64)
-    with (
-        jax.enable_x64(True),
-        mock.patch.object(flax_train, "train_step", train_step),
-        mock.patch.object(stochastic, "random", fake_random),
-    ):
-        return backend_trajectory(FlaxBackend(cfg, params, RECIPE, normalization_table(STATS), "fp64", SEED))
 
 
 @functools.cache
@@ -290,19 +192,19 @@ def cait_reference_trajectory():
     return losses, params
 
 
-@functools.cache
-def cait_shared_trajectories():
-    masks = SharedMasks()
+def cait_trajectory(backend: str):
     cfg = CAIT_CFG.replace(**CAIT_RATES)
-    return torch_shared_trajectory(cfg, masks), flax_shared_trajectory(cfg, masks), masks
+    params = vitspec.init_params(cfg, SEED, dtype=np.float64)
+    table = normalization_table(STATS)
+    if backend == "torch":
+        return backend_trajectory(TorchBackend(cfg, params, RECIPE, table, "fp64", SEED, device="cpu"))
+    with jax.enable_x64(True):
+        return backend_trajectory(FlaxBackend(cfg, params, RECIPE, table, "fp64", SEED))
 
 
-def test_cait_with_shared_masks_torch_and_flax_follow_each_other():
-    (torch_losses, torch_params), (flax_losses, flax_params), masks = cait_shared_trajectories()
-    # The same sites, shapes and rates, drawn in the same order, at every step.
-    assert masks.drawn["torch"] == sorted(masks.drawn["flax"])
-    sites = len(masks.drawn["torch"]) // STEPS
-    assert sites == 1 + CAIT_CFG.depth * 6, masks.drawn["torch"][:sites]  # tokens; 6 per block
+def test_cait_with_every_rate_torch_and_flax_follow_each_other():
+    torch_losses, torch_params = cait_trajectory("torch")
+    flax_losses, flax_params = cait_trajectory("flax")
     assert max_loss_rel(torch_losses, flax_losses) <= LOSS_REL
     assert max_param_rel(torch_params, flax_params) <= PARAM_REL
     # The masks matter: the trajectory is not the eval-mode one.

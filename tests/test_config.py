@@ -18,8 +18,15 @@ from vitspec import ViTConfig
         ),
         (dict(image_size=(32, 30), patch_size=(4, 4)), r"image width 30 % patch width 4 = 2"),
         (dict(width=100, num_heads=12), r"num_heads=12 does not divide width=100"),
-        (dict(pool="cls"), r"pool='cls': expected one of 'token', 'gap', 'max', 'avgmax', 'sum', 'map', 'none'"),
-        (dict(posemb="learn"), r"posemb='learn': expected one of 'learned', 'sincos2d', 'sinusoidal_1d', 'sinusoidal_2d', 'none'"),
+        (
+            dict(pool="cls"),
+            r"pool='cls': expected one of 'token', 'gap', 'max', 'avgmax', 'sum', 'map', 'none'",
+        ),
+        (
+            dict(posemb="learn"),
+            r"posemb='learn': expected one of 'learned', 'sincos2d', 'sinusoidal_1d', 'sinusoidal_2d', "
+            r"'none'",
+        ),
         (dict(gelu="erf"), r"gelu='erf': expected one of 'exact', 'tanh'"),
         (dict(depth=0), r"depth=0: expected an int >= 1"),
         (dict(width=12.0), r"width=12.0: expected an int >= 1"),

@@ -109,7 +109,9 @@ def error_of(capsys, *argv) -> str:
 
 def test_unknown_format_lists_the_known_ones(ref_file, tmp_path, capsys):
     err = error_of(capsys, ref_file, tmp_path / "m.pt", "--from", "keras")
-    assert "unknown format 'keras'; known formats: ref, torch, flax, vit_jax, hf" in err
+    known = ", ".join(vitspec.formats.FORMATS)
+    assert f"unknown format 'keras'; known formats: {known} (aliases: timm=torch, reference=ref)" in err
+    assert all(name in known for name in ("torch", "big_vision_scan", "hf_clip", "scenic", "tutorial"))
 
 
 def test_missing_and_unexpected_keys_are_all_listed(ref_file, tmp_path, capsys):

@@ -182,10 +182,10 @@ def _flatten(tree, prefix=()):
 
 def test_tree_is_big_vision_style_and_the_table_is_the_module_tree():
     assert module_tree(ONE_OF_EACH) == ONE_OF_EACH_TREE
-    table = {rule.native: rule.native_shape for rule in big_vision.FORMAT.table(ONE_OF_EACH)}
+    table = {rule.native: rule.native_shape for rule in big_vision.FLAX.table(ONE_OF_EACH)}
     assert table == ONE_OF_EACH_TREE
     for cfg in CAITS.values():
-        assert module_tree(cfg) == {r.native: r.native_shape for r in big_vision.FORMAT.table(cfg)}
+        assert module_tree(cfg) == {r.native: r.native_shape for r in big_vision.FLAX.table(cfg)}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

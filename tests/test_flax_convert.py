@@ -172,11 +172,53 @@ GAP_SINCOS_FEATURES_TREE = {
     "Transformer/encoder_norm/bias": (8,),
 }
 
+# The families' knobs: DeiT's distillation token and head, CLIP's pre-norm and bias-free patch
+# embedding, timm's proj_bias=False and final_norm=False, attention 6 wide in a 12-wide model.
+FAMILIES = vitspec.ViTConfig(
+    image_size=(2, 4),
+    patch_size=2,
+    in_channels=1,
+    width=12,
+    depth=1,
+    num_heads=3,
+    mlp_dim=8,
+    num_classes=2,
+    distilled=True,
+    pre_norm=True,
+    patch_bias=False,
+    final_norm=False,
+    proj_bias=False,
+    attention_dim=6,
+)
+FAMILIES_TREE = {
+    "embedding/kernel": (2, 2, 1, 12),
+    "cls": (1, 1, 12),
+    "dist": (1, 1, 12),
+    "pos_embedding": (1, 4, 12),
+    "pre_norm/scale": (12,),
+    "pre_norm/bias": (12,),
+    f"{BLOCK}/LayerNorm_0/scale": (12,),
+    f"{BLOCK}/LayerNorm_0/bias": (12,),
+    **{f"{ATTN}/{name}/kernel": (12, 3, 2) for name in ("query", "key", "value")},
+    **{f"{ATTN}/{name}/bias": (3, 2) for name in ("query", "key", "value")},
+    f"{ATTN}/out/kernel": (3, 2, 12),
+    f"{BLOCK}/LayerNorm_1/scale": (12,),
+    f"{BLOCK}/LayerNorm_1/bias": (12,),
+    f"{BLOCK}/MlpBlock_0/Dense_0/kernel": (12, 8),
+    f"{BLOCK}/MlpBlock_0/Dense_1/kernel": (8, 12),
+    "head/kernel": (12, 2),
+    "head/bias": (2,),
+    "head_dist/kernel": (12, 2),
+    "head_dist/bias": (2,),
+}
+
 NAMED_TREES = [
     (BIG_VISION_TOKEN, BIG_VISION_TOKEN_TREE),
     (EVERY_EXTRA, EVERY_EXTRA_TREE),
     (GAP_SINCOS_FEATURES, GAP_SINCOS_FEATURES_TREE),
+    (FAMILIES, FAMILIES_TREE),
 ]
+TREE_IDS = ["big_vision-token", "every-extra", "gap-sincos", "families"]
 
 
 def flat_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
@@ -191,12 +233,12 @@ def init_shapes(cfg: vitspec.ViTConfig) -> dict[str, tuple[int, ...]]:
     return flat_shapes(variables["params"])
 
 
-@pytest.mark.parametrize("cfg, expected", NAMED_TREES, ids=["big_vision-token", "every-extra", "gap-sincos"])
+@pytest.mark.parametrize("cfg, expected", NAMED_TREES, ids=TREE_IDS)
 def test_module_tree_is_big_vision_names(cfg, expected):
     assert init_shapes(cfg) == expected
 
 
-@pytest.mark.parametrize("cfg, expected", NAMED_TREES, ids=["big_vision-token", "every-extra", "gap-sincos"])
+@pytest.mark.parametrize("cfg, expected", NAMED_TREES, ids=TREE_IDS)
 def test_from_reference_gives_big_vision_names(cfg, expected):
     assert flat_shapes(from_reference(random_params(cfg, 0), cfg)["params"]) == expected
 

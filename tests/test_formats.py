@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import vitspec
 from parity_tests.strategies import SMALL_FIELDS, configs, random_images, random_params
 from parity_tests.tolerances import assert_close_f64
+from tests.nearest import SUFFIX, expressible
 from vitspec.config import ViTConfig
 from vitspec.formats import EXTERNAL, FormatError, hf, load_any, save_any
 from vitspec.formats.inference import reading_flags
@@ -327,48 +328,6 @@ def test_written_out_fixture_converts_exactly(name, tmp_path):
         {"logits": vitspec.forward(cfg, params, images)},
         "forward",
     )
-
-
-def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
-    """The nearest config the format can express: the knobs it lacks turned off."""
-    if fmt == "vit_jax":
-        pool = "token" if cfg.pool == "map" else cfg.pool
-        class_token = pool == "token" or (pool == "none" and cfg.class_token)
-        return cfg.replace(
-            num_registers=0,
-            pool=pool,
-            class_token=class_token,
-            posemb="learned",
-            posemb_on_cls=True,
-            qkv_bias=True,
-            qk_norm=False,
-            layer_scale=None,
-            fc_norm=False,
-        )
-    if fmt in ("hf", "hf4"):
-        pooler = cfg.representation_size is not None and cfg.num_classes == 0
-        return cfg.replace(
-            pool="token",
-            class_token=True,
-            num_registers=0,
-            posemb="learned",
-            posemb_on_cls=True,
-            qk_norm=False,
-            layer_scale=None,
-            fc_norm=False,
-            representation_size=cfg.width if pooler else None,
-        )
-    return cfg
-
-
-SUFFIX = {
-    "ref": ".npz",
-    "torch": ".pt",
-    "flax": ".msgpack",
-    "vit_jax": ".npz",
-    "hf": ".safetensors",
-    "hf4": ".safetensors",
-}
 
 
 @pytest.mark.parametrize("fmt", sorted(EXTERNAL))

@@ -56,3 +56,24 @@ def test_what_transformers_cannot_express_is_refused_before_writing(tmp_path, ca
     assert cli.main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "hf"), "--to", "hf"]) == 2
     assert "no register tokens" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (dict(pre_norm=True), "pre_norm"),
+        (dict(patch_bias=False), "patch_bias"),
+        (dict(final_norm=False), "final_norm"),
+        (dict(proj_bias=False), "proj_bias"),
+        (dict(distilled=True), "hf_deit"),
+        (dict(attention_dim=6), "attention_dim=6"),
+        (dict(gelu="quick"), "hidden_act names no 'quick' GELU"),
+        (dict(pool="max", class_token=True), "pool='max'"),
+    ],
+)
+def test_the_family_knobs_vit_lacks_are_refused_by_name(overrides, reason, tmp_path, capsys):
+    cfg = vitspec.ViTConfig(**{**BASE, "num_classes": 2, **overrides})
+    vitspec.save(tmp_path / "model.safetensors", cfg, random_params(cfg, 0))
+    assert cli.main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert reason in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

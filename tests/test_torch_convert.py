@@ -1,9 +1,10 @@
 """State-dict names and shapes are timm's, and the converter's errors say what is wrong.
 
 The expected names are written out by hand from timm's VisionTransformer (vision_transformer.py,
-layers/attention.py, layers/attention_pool.py, layers/mlp.py, layers/layer_scale.py), not derived
-from the code under test. Width 12, 3 heads (head_dim 4), MLP 20, depth 1, 3 input channels,
-patches 2x3 on 4x6 images (a 2x2 grid, 4 patches), 5 classes.
+layers/attention.py, layers/attention_pool.py, layers/mlp.py, layers/layer_scale.py) and DeiT's
+VisionTransformerDistilled (deit.py), not derived from the code under test. Width 12, 3 heads
+(head_dim 4), MLP 20, depth 1, 3 input channels, patches 2x3 on 4x6 images (a 2x2 grid, 4 patches),
+5 classes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ BLOCK_0 = {
 }
 NORM = {"norm.weight": (12,), "norm.bias": (12,)}
 HEAD = {"head.weight": (5, 12), "head.bias": (5,)}
+PROJ_BIASES = ("blocks.0.attn.proj.bias", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.bias")
 
 EXPECTED_STATE_DICTS = {
     "plain token ViT": (
@@ -107,6 +109,42 @@ EXPECTED_STATE_DICTS = {
             **HEAD,
         },
     ),
+    "CLIP-style: norm_pre, no patch bias": (
+        dict(pool="token", pre_norm=True, patch_bias=False, gelu="quick"),
+        {
+            "patch_embed.proj.weight": (12, 3, 2, 3),
+            "cls_token": (1, 1, 12),
+            "pos_embed": (1, 5, 12),
+            "norm_pre.weight": (12,),
+            "norm_pre.bias": (12,),
+            **BLOCK_0,
+            **NORM,
+            **HEAD,
+        },
+    ),
+    "DeiT distilled: dist_token, head_dist, posemb over [cls, dist, patches]": (
+        dict(pool="token", distilled=True),
+        {
+            "cls_token": (1, 1, 12),
+            "dist_token": (1, 1, 12),
+            "pos_embed": (1, 6, 12),
+            **PATCH_EMBED,
+            **BLOCK_0,
+            **NORM,
+            **HEAD,
+            "head_dist.weight": (5, 12),
+            "head_dist.bias": (5,),
+        },
+    ),
+    "final_norm=False, proj_bias=False, max pool": (
+        dict(pool="max", class_token=False, final_norm=False, proj_bias=False),
+        {
+            "pos_embed": (1, 4, 12),
+            **PATCH_EMBED,
+            **{k: v for k, v in BLOCK_0.items() if k not in PROJ_BIASES},
+            **HEAD,
+        },
+    ),
     # Not expressible in timm: vitspec's names in timm's style (see backends/torch_vit/model.py).
     "sincos2d posemb (a buffer, not saved) + pre-logits": (
         dict(pool="gap", class_token=False, posemb="sincos2d", posemb_on_cls=False, representation_size=7),
@@ -118,6 +156,19 @@ EXPECTED_STATE_DICTS = {
             "pre_logits.fc.bias": (7,),
             "head.weight": (5, 7),
             "head.bias": (5,),
+        },
+    ),
+    "attention_dim 18 (3 heads of 6), sinusoidal_1d posemb (a buffer)": (
+        dict(pool="token", attention_dim=18, posemb="sinusoidal_1d"),
+        {
+            "cls_token": (1, 1, 12),
+            **PATCH_EMBED,
+            **BLOCK_0,
+            "blocks.0.attn.qkv.weight": (54, 12),
+            "blocks.0.attn.qkv.bias": (54,),
+            "blocks.0.attn.proj.weight": (12, 18),
+            **NORM,
+            **HEAD,
         },
     ),
 }

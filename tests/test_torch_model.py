@@ -1,4 +1,5 @@
-"""The PyTorch model on its own: train-mode randomness, torch.compile, checkpoints, input checks."""
+"""The PyTorch model on its own: each family knob against the reference, train-mode randomness,
+torch.compile, checkpoints, input checks."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitspec
-from backends.torch_vit import VisionTransformer, from_checkpoint, from_reference
-from backends.torch_vit.model import Attention, DropPath, Mlp
+from backends.torch_vit import VisionTransformer, from_checkpoint, from_reference, model_for, to_reference
+from backends.torch_vit.layers import Attention, Mlp
+from backends.torch_vit.model import DropPath
 from parity_tests.strategies import SMALL_FIELDS, configs, random_images, random_params
+from parity_tests.tolerances import assert_close_f64
 from vitspec.config import ViTConfig
 
 SMALL = SMALL_FIELDS | dict(depth=2)
@@ -36,6 +39,55 @@ def nchw_images(cfg: ViTConfig, batch: int, seed: int = 1) -> torch.Tensor:
 
 def seeded_randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+# One knob of the ViT families each (SMALL: width 12, 3 heads, 2x2 patches of 2x3, depth 2).
+KNOBS = {
+    "quick GELU": dict(gelu="quick"),
+    "pre_norm, no patch bias (CLIP)": dict(pre_norm=True, patch_bias=False),
+    "no final norm": dict(final_norm=False),
+    "no projection biases": dict(proj_bias=False),
+    "max pool": dict(pool="max", class_token=False),
+    "avgmax pool over the prefix too": dict(pool="avgmax", num_registers=2, pool_include_prefix=True),
+    "sum pool": dict(pool="sum", class_token=True),
+    "map over the prefix too": dict(pool="map", class_token=True, pool_include_prefix=True),
+    "distilled (DeiT)": dict(distilled=True, num_registers=1),
+    "distilled without heads": dict(distilled=True, num_classes=0),
+    "attention_dim 18": dict(attention_dim=18),
+    "sinusoidal_1d over every token": dict(posemb="sinusoidal_1d"),
+    "sinusoidal_1d over the patches": dict(posemb="sinusoidal_1d", posemb_on_cls=False),
+    "sinusoidal_2d": dict(posemb="sinusoidal_2d", posemb_on_cls=False),
+    "CaiT with every family knob it takes": dict(
+        class_attention_depth=1,
+        posemb_on_cls=False,
+        gelu="quick",
+        pre_norm=True,
+        patch_bias=False,
+        final_norm=False,
+        proj_bias=False,
+        attention_dim=6,
+        posemb="sinusoidal_2d",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", KNOBS)
+def test_each_family_knob_computes_the_reference_in_float64(name):
+    """Every named value and attention map, and the gradients, within the float64 bounds."""
+    cfg = ViTConfig(**(SMALL | KNOBS[name]))
+    params, images = random_params(cfg, 0), random_images(cfg, 3, 1)
+    model = model_for(cfg).double().eval()
+    model.load_state_dict(from_reference(params, cfg))
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2).clone().requires_grad_(True)
+    named = model(nchw, intermediates=True, attention_maps=True)
+    expected = vitspec.forward(cfg, params, images, intermediates=True, attention_maps=True)
+    assert named.keys() == expected.keys()
+    assert_close_f64({k: v.detach().numpy() for k, v in named.items()}, expected, "forward")
+    cotangent = np.random.default_rng(2).standard_normal(expected["logits"].shape)
+    (named["logits"] * torch.from_numpy(cotangent)).sum().backward()
+    grads = to_reference({k: p.grad for k, p in model.named_parameters()}, cfg)
+    grads["images"] = nchw.grad.permute(0, 2, 3, 1).numpy()
+    assert_close_f64(grads, vitspec.vjp(cfg, params, images, cotangent), "grad")
 
 
 @settings(max_examples=10)
@@ -165,6 +217,26 @@ def test_compiles_without_graph_breaks(flags, fresh_dynamo):
         compiled.train()(images, **flags)
     if not flags:
         got, expected = {"logits": got}, {"logits": expected}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_family_knobs_compile_without_graph_breaks(fresh_dynamo):
+    cfg = ViTConfig(
+        **SMALL,
+        **RATES,
+        distilled=True,
+        pre_norm=True,
+        patch_bias=False,
+        gelu="quick",
+        posemb="sinusoidal_1d",
+    )
+    model, images = loaded_model(cfg).float(), nchw_images(cfg, 2).float()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    flags = {"intermediates": True, "attention_maps": True}
+    with torch.no_grad():
+        got, expected = compiled.eval()(images, **flags), model.eval()(images, **flags)
+        compiled.train()(images, **flags)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 

@@ -3,8 +3,9 @@ VisionTransformer and both compute the same logits (float64).
 
 timm imports torchvision, which has no build matching the CPU torch this project pins, so on the
 project's own machines this module skips; run it where timm and a matching torchvision are
-installed. vitspec's gap and MAP both pool the patch tokens only, as timm's default
-`pool_include_prefix=False` does.
+installed. These variants pool the patch tokens only (pool_include_prefix=False, timm's default);
+tests/test_timm_families.py covers the families' knobs (DeiT's distillation token, norm_pre, the
+optional biases and final norm, max/avgmax pools, pool_include_prefix) against timm's own models.
 """
 
 from __future__ import annotations

@@ -342,7 +342,9 @@ def test_init_loads_resamples_and_reinitializes_the_head(tmp_path, capsys):
     assert "position embedding resampled 5x5 -> 7x7 patches (28x28 images)" in notes[1]
     assert "head re-initialized at zero: 5 -> 10 classes" in notes[2]
     assert params.keys() == vitspec.init_params(model).keys()
-    resampled = resample_model(model.replace(image_size=(20, 20)), source_params, (28, 28))[1]["pos_embed"]
+    # The source is a timm file: fine-tuning resamples as timm does.
+    source_cfg = model.replace(image_size=(20, 20))
+    resampled = resample_model(source_cfg, source_params, (28, 28), "timm")[1]["pos_embed"]
     np.testing.assert_array_equal(params["pos_embed"], resampled.astype(np.float32))
     assert not params["head/kernel"].any() and not params["head/bias"].any()
     for name, value in source_params.items():

@@ -152,9 +152,10 @@ class ViTConfig:
             set_("attention_dim", self.width)
         _positive_int("attention_dim", self.attention_dim)
         if self.attention_dim % self.num_heads:
+            name = "width" if self.attention_dim == self.width else "attention_dim"  # as stored: resolved
             raise ValueError(
-                f"num_heads={self.num_heads} does not divide attention_dim={self.attention_dim} "
-                f"(attention_dim % num_heads = {self.attention_dim % self.num_heads})"
+                f"num_heads={self.num_heads} does not divide {name}={self.attention_dim} "
+                f"({name} % num_heads = {self.attention_dim % self.num_heads})"
             )
         _choice("pool", self.pool, POOLS)
         _choice("posemb", self.posemb, POSEMBS)
@@ -195,7 +196,8 @@ class ViTConfig:
             raise ValueError(
                 f"posemb='sinusoidal_1d' needs an even width (sin and cos), got width={self.width}"
             )
-        if self.posemb in FIXED_POSEMBS and self.posemb_on_cls and self.num_prefix_tokens:
+        # Scenic's 1-D table numbers the whole sequence, class token included; the 2-D ones are grids.
+        if self.posemb in ("sincos2d", "sinusoidal_2d") and self.posemb_on_cls and self.num_prefix_tokens:
             raise ValueError(
                 f"posemb={self.posemb!r} is defined on the patch grid only: set posemb_on_cls=False "
                 f"(the model has {self.num_prefix_tokens} class/distillation/register token(s))"
@@ -304,6 +306,9 @@ class ViTConfig:
         return self.representation_size or self.width
 
     def replace(self, **changes: Any) -> ViTConfig:
+        # An attention as wide as the model follows the model's width: the default resolved, not chosen.
+        if "width" in changes and "attention_dim" not in changes and self.attention_dim == self.width:
+            changes["attention_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

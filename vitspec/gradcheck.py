@@ -60,13 +60,21 @@ def fd_errors(
 
 def random_small_config(rng: np.random.Generator) -> ViTConfig:
     """A small model (8x12 images in 4x4 patches, width 16, 4 heads, depth 2) with its knobs drawn:
-    one draw in three is a CaiT (`vitspec gradcheck` checks both kinds)."""
-    fields = dict(image_size=(8, 12), patch_size=(4, 4), width=16, depth=2, num_heads=4, mlp_dim=32)
+    one draw in three is a CaiT (`vitspec gradcheck` checks both kinds), one in four of the rest a
+    DeiT (distillation token and head). Max pools need no care about ties: with random parameters
+    two tokens tie with probability zero."""
+    fields = dict(image_size=(8, 12), patch_size=(4, 4), width=16, depth=2, mlp_dim=32)
+    heads, attention_dim = [(4, None), (2, 8), (2, 24)][rng.integers(3)]  # heads >= 4 wide (qk_norm)
     common = dict(
         num_classes=5,
+        num_heads=heads,
+        attention_dim=attention_dim,
         qkv_bias=bool(rng.integers(2)),
         layer_scale=[None, 0.1][rng.integers(2)],
-        gelu=str(rng.choice(["exact", "tanh"])),
+        gelu=str(rng.choice(["exact", "tanh", "quick"])),
+        pre_norm=bool(rng.integers(2)),
+        patch_bias=bool(rng.integers(2)),
+        proj_bias=bool(rng.integers(2)),
     )
     if rng.integers(3) == 0:
         return ViTConfig(
@@ -75,14 +83,18 @@ def random_small_config(rng: np.random.Generator) -> ViTConfig:
             talking_heads=bool(rng.integers(2)),
             class_attention_depth=int(rng.integers(1, 3)),
             class_attention_mlp_dim=int(rng.choice([8, 32])),
-            posemb=str(rng.choice(["learned", "sincos2d", "none"])),
+            posemb=str(rng.choice(["learned", "sincos2d", "sinusoidal_1d", "sinusoidal_2d", "none"])),
             posemb_on_cls=False,
+            final_norm=bool(rng.integers(2)),
         )
-    pool = str(rng.choice(["token", "gap", "map"]))
+    distilled = rng.integers(4) == 0
+    pool = "token" if distilled else str(rng.choice(["token", "gap", "max", "avgmax", "sum", "map"]))
     class_token = pool == "token" or bool(rng.integers(2))
     registers = int(rng.integers(0, 3))
-    posemb = str(rng.choice(["learned", "sincos2d", "none"]))
-    on_cls = False if posemb == "sincos2d" and (class_token or registers) else bool(rng.integers(2))
+    posemb = str(rng.choice(["learned", "sincos2d", "sinusoidal_1d", "sinusoidal_2d", "none"]))
+    prefix = class_token or distilled or registers
+    grid_only = posemb in ("sincos2d", "sinusoidal_2d") and prefix
+    fc_norm = not distilled and bool(rng.integers(2))
     return ViTConfig(
         **fields,
         **common,
@@ -90,10 +102,13 @@ def random_small_config(rng: np.random.Generator) -> ViTConfig:
         class_token=class_token,
         num_registers=registers,
         posemb=posemb,
-        posemb_on_cls=on_cls,
-        fc_norm=bool(rng.integers(2)),
+        posemb_on_cls=False if grid_only else bool(rng.integers(2)),
+        fc_norm=fc_norm,
+        final_norm=fc_norm or bool(rng.integers(2)),
         qk_norm=bool(rng.integers(2)),
-        representation_size=[None, 6][rng.integers(2)],
+        representation_size=None if distilled else [None, 6][rng.integers(2)],
+        pool_include_prefix=pool not in ("token", "none") and bool(rng.integers(2)),
+        distilled=bool(distilled),
     )
 
 

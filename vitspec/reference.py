@@ -11,13 +11,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf  # float64-exact (NumPy has no erf; math.erf is scalar-only)
+from scipy.special import (
+    erf,  # float64-exact (NumPy has no erf; math.erf is scalar-only)
+    expit,  # the logistic sigmoid without overflow for large |x|
+)
 
 from vitspec.config import ViTConfig
+from vitspec.fixed_posemb import fixed_posemb
+from vitspec.fixed_posemb import posemb_sincos2d as posemb_sincos2d  # the backends' import
 from vitspec.params import validate_params
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_TANH_COEFF = 0.044715
+QUICK_GELU_COEFF = 1.702  # OpenAI CLIP's x * sigmoid(1.702 x)
 
 
 def unflatten(params: dict[str, np.ndarray]) -> dict:
@@ -35,6 +41,8 @@ def unflatten(params: dict[str, np.ndarray]) -> dict:
 def gelu(x, approximate: str):  # [...] -> [...]
     if approximate == "tanh":
         return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x**3)))
+    if approximate == "quick":
+        return x * expit(QUICK_GELU_COEFF * x)
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
@@ -144,48 +152,56 @@ def patchify(images, patch_size: tuple[int, int]):  # [n, h, w, c] -> [n, gh*gw,
     return x.reshape(n, (h // ph) * (w // pw), ph * pw * c)
 
 
-def embed_patches(images, cfg: ViTConfig, kernel, bias):  # [n, h, w, c] -> [n, patches, d]
+def embed_patches(images, cfg: ViTConfig, kernel, bias=None):  # [n, h, w, c] -> [n, patches, d]
     return dense(patchify(images, cfg.patch_size), kernel.reshape(-1, kernel.shape[-1]), bias)
 
 
-def posemb_sincos2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-    """big_vision's fixed 2-D embedding (MoCo v3): [sin x, cos x, sin y, cos y], float64.
-
-    # -> [grid_h * grid_w, width]; x is the column index, y the row index, row-major order.
-    """
-    y, x = np.mgrid[:grid_h, :grid_w]
-    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
-    x = np.einsum("m,d->md", x.reshape(-1), omega)
-    y = np.einsum("m,d->md", y.reshape(-1), omega)
-    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-
-
-def add_tokens_and_posemb(x, cfg: ViTConfig, cls_token=None, reg_tokens=None, pos_embed=None):
-    # [n, patches, d] -> [n, tokens, d]; tokens are [class, registers..., patches]
+def add_tokens_and_posemb(
+    x, cfg: ViTConfig, cls_token=None, dist_token=None, reg_tokens=None, pos_embed=None
+):  # [n, patches, d] -> [n, tokens, d]; tokens are [class, distillation, registers..., patches]
     n, _, d = x.shape
     prefix = [
         np.broadcast_to(t.reshape(1, -1, d), (n, t.size // d, d))
-        for t in (cls_token, reg_tokens)
+        for t in (cls_token, dist_token, reg_tokens)
         if t is not None
     ]
-    if cfg.posemb == "sincos2d":
-        x = x + posemb_sincos2d(*cfg.grid_size, d).astype(x.dtype)
-    elif cfg.posemb == "learned" and not cfg.posemb_on_cls:
-        x = x + pos_embed
+    posemb = pos_embed if cfg.posemb == "learned" else fixed_posemb(cfg)
+    if posemb is not None:
+        posemb = posemb.astype(x.dtype, copy=False)
+    if posemb is not None and not cfg.posemb_on_cls:
+        x = x + posemb
     x = np.concatenate([*prefix, x], axis=1)
-    if cfg.posemb == "learned" and cfg.posemb_on_cls:
-        x = x + pos_embed
+    if posemb is not None and cfg.posemb_on_cls:
+        x = x + posemb
     return x
+
+
+def pool_inputs(x, cfg: ViTConfig):  # [n, tokens, d] -> [n, tokens pooled over, d]
+    return x if cfg.pool_include_prefix else x[:, cfg.num_prefix_tokens :]
 
 
 def pool(x, cfg: ViTConfig):  # [n, tokens, d] -> [n, d] ([n, tokens, d] for pool 'none')
     if cfg.pool == "token":
         return x[:, 0]
-    if cfg.pool == "gap":
-        return x[:, cfg.num_prefix_tokens :].mean(axis=1)
     if cfg.pool == "none":
         return x
+    x = pool_inputs(x, cfg)
+    if cfg.pool == "gap":
+        return x.mean(axis=1)
+    if cfg.pool == "max":
+        return x.max(axis=1)
+    if cfg.pool == "avgmax":  # timm's global_pool_nlc
+        return 0.5 * (x.mean(axis=1) + x.max(axis=1))
+    if cfg.pool == "sum":
+        return x.sum(axis=1)
     raise AssertionError(f"pool {cfg.pool!r} has parameters: use map_head")
+
+
+def mean_of_heads(cls, dist, head=None, head_dist=None):
+    # [n, d], [n, d] -> [n, classes] ([n, d] without heads): DeiT at inference
+    if head is None:
+        return (cls + dist) / 2
+    return (dense(cls, **head) + dense(dist, **head_dist)) / 2
 
 
 def check_images(cfg: ViTConfig, images) -> np.ndarray:
@@ -211,36 +227,27 @@ def forward(
 ):
     """Logits for NHWC images, or with `intermediates`/`attention_maps` the dict of named values.
 
-    Intermediates: patch_embed [n, patches, d], tokens [n, t, d] (block 0's input), block_{i}
-    [n, t, d], for CaiT class_block_{j} [n, 1, d] (the class token after class block j), encoded
-    [n, t, d] ([n, 1 + patches, d] for CaiT), pooled, pre_logits, logits; attention maps: attn_{i}
-    [n, heads, t, t] (the weights on v: after the talking-heads mix), for pool 'map', map_attn
-    [n, heads, 1, patches], for CaiT class_attn_{j} [n, heads, 1, 1 + patches].
+    Intermediates: patch_embed [n, patches, d], with pre_norm embedded [n, t, d] (the tokens with
+    their posemb, before the pre-norm), tokens [n, t, d] (block 0's input), block_{i} [n, t, d], for
+    CaiT class_block_{j} [n, 1, d] (the class token after class block j), encoded [n, t, d]
+    ([n, 1 + patches, d] for CaiT), pooled (for a distilled model: the class token, and pooled_dist
+    the distillation token, both [n, d]), pre_logits (distilled: their mean, timm's pre_logits
+    features), logits; attention maps: attn_{i} [n, heads, t, t] (the weights on v: after the
+    talking-heads mix), for pool 'map', map_attn [n, heads, 1, tokens pooled over], for CaiT
+    class_attn_{j} [n, heads, 1, 1 + patches].
     """
     validate_params(cfg, params)
     images = check_images(cfg, images)
     tree = unflatten({k: np.asarray(v, dtype=images.dtype) for k, v in params.items()})
     out: dict[str, np.ndarray] = {}
-    x = out["patch_embed"] = embed_patches(images, cfg, **tree["patch_embed"])
-    cls_token = tree.get("cls_token")
-    prefix_cls = None if cfg.class_attention_depth else cls_token  # CaiT's enters after the blocks
-    x = out["tokens"] = add_tokens_and_posemb(
-        x, cfg, prefix_cls, tree.get("reg_tokens"), tree.get("pos_embed")
-    )
-    for i in range(cfg.depth):
-        x, out[f"attn_{i}"] = block(x, cfg, **tree["blocks"][str(i)])
-        out[f"block_{i}"] = x
-    if cfg.class_attention_depth:
-        cls = np.broadcast_to(cls_token, (x.shape[0], 1, cfg.width))
-        for j in range(cfg.class_attention_depth):
-            cls, out[f"class_attn_{j}"] = class_block(x, cls, cfg, **tree["class_blocks"][str(j)])
-            out[f"class_block_{j}"] = cls
-        x = np.concatenate([cls, x], axis=1)
-    if not cfg.fc_norm:
-        x = layer_norm(x, **tree["norm"], eps=cfg.ln_eps)
-    out["encoded"] = x
+    x = out["encoded"] = encode(cfg, tree, images, out)
+    if cfg.distilled:
+        out["pooled"], out["pooled_dist"] = x[:, 0], x[:, 1]
+        out["pre_logits"] = (x[:, 0] + x[:, 1]) / 2
+        out["logits"] = mean_of_heads(x[:, 0], x[:, 1], tree.get("head"), tree.get("head_dist"))
+        return select_outputs(out, intermediates, attention_maps)
     if cfg.pool == "map":
-        x, out["map_attn"] = map_head(x[:, cfg.num_prefix_tokens :], cfg, **tree["map_head"])
+        x, out["map_attn"] = map_head(pool_inputs(x, cfg), cfg, **tree["map_head"])
     else:
         x = pool(x, cfg)
     if cfg.fc_norm:
@@ -253,6 +260,32 @@ def forward(
         x = dense(x, **tree["head"])
     out["logits"] = x
     return select_outputs(out, intermediates, attention_maps)
+
+
+def encode(cfg: ViTConfig, tree: dict, images, out: dict):
+    # [n, h, w, c] -> [n, t, d]: the tokens after the encoder's final norm; named values go to `out`
+    x = out["patch_embed"] = embed_patches(images, cfg, **tree["patch_embed"])
+    cls_token = tree.get("cls_token")
+    prefix_cls = None if cfg.class_attention_depth else cls_token  # CaiT's enters after the blocks
+    x = add_tokens_and_posemb(
+        x, cfg, prefix_cls, tree.get("dist_token"), tree.get("reg_tokens"), tree.get("pos_embed")
+    )
+    if cfg.pre_norm:
+        out["embedded"] = x
+        x = layer_norm(x, **tree["pre_norm"], eps=cfg.ln_eps)
+    out["tokens"] = x
+    for i in range(cfg.depth):
+        x, out[f"attn_{i}"] = block(x, cfg, **tree["blocks"][str(i)])
+        out[f"block_{i}"] = x
+    if cfg.class_attention_depth:
+        cls = np.broadcast_to(cls_token, (x.shape[0], 1, cfg.width))
+        for j in range(cfg.class_attention_depth):
+            cls, out[f"class_attn_{j}"] = class_block(x, cls, cfg, **tree["class_blocks"][str(j)])
+            out[f"class_block_{j}"] = cls
+        x = np.concatenate([cls, x], axis=1)
+    if cfg.final_norm and not cfg.fc_norm:
+        x = layer_norm(x, **tree["norm"], eps=cfg.ln_eps)
+    return x
 
 
 def is_attention_map(name: str) -> bool:

@@ -6,6 +6,7 @@ reference's CaiT parameters map onto it one to one (vitspec.formats.big_vision):
     embedding/{kernel [ph, pw, C, D], bias [D]}             patch embedding
     cls [1, 1, D]                                           class token (enters at the class blocks)
     pos_embedding [1, patches, D]                           learned posemb, on the patches only
+    pre_norm/{scale, bias}                                  with pre_norm: over the patches
     Transformer/encoderblock_{i}/                           self-attention over the patches: the ViT's
         LayerNorm_0, MultiHeadDotProductAttention_0/        block, talking heads when configured:
             {query, key, value, out, talk_logits, talk_weights}
@@ -15,7 +16,8 @@ reference's CaiT parameters map onto it one to one (vitspec.formats.big_vision):
             {query, key, value, out}
         LayerScale_0, LayerNorm_1,
         MlpBlock_0/{Dense_0 [D, class_attention_mlp_dim], Dense_1}, LayerScale_1
-    Transformer/encoder_norm/{scale, bias}                  on [class, patches]
+    Transformer/encoder_norm/{scale, bias}                  on [class, patches] (not without
+                                                            final_norm)
     head/{kernel, bias}
 
 Training mode: token dropout on the patches and dropout, attention dropout and stochastic depth in
@@ -28,16 +30,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from backends.flax_vit.model import (
+from backends.flax_vit.embedding import add_posemb, embed_patches
+from backends.flax_vit.layers import (
     Dtype,
-    Encoder1DBlock,
     LayerScale,
     MlpBlock,
     MultiHeadDotProductAttention,
-    VisionTransformer,
     layer_norm,
     shape_only,
 )
+from backends.flax_vit.model import Encoder1DBlock, VisionTransformer
 from vitspec.config import ViTConfig
 from vitspec.reference import select_outputs
 
@@ -55,11 +57,18 @@ class ClassAttentionBlock(nn.Module):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         y = layer_norm(cfg.ln_eps, **kw)(jnp.concatenate([cls, x], axis=1))
-        y, probs = MultiHeadDotProductAttention(cfg.num_heads, cfg.qkv_bias, ln_eps=cfg.ln_eps, **kw)(
-            y[:, :1], y, return_probs=return_probs
+        attention = MultiHeadDotProductAttention(
+            cfg.num_heads,
+            cfg.qkv_bias,
+            ln_eps=cfg.ln_eps,
+            attention_dim=cfg.attention_dim,
+            out_bias=cfg.proj_bias,
+            **kw,
         )
+        y, probs = attention(y[:, :1], y, return_probs=return_probs)
         cls = cls + self._scaled(y)
-        y = MlpBlock(cfg.class_attention_mlp_dim, cfg.gelu, **kw)(layer_norm(cfg.ln_eps, **kw)(cls))
+        mlp = MlpBlock(cfg.class_attention_mlp_dim, cfg.gelu, use_bias=cfg.proj_bias, **kw)
+        y = mlp(layer_norm(cfg.ln_eps, **kw)(cls))
         return cls + self._scaled(y), probs
 
     def _scaled(self, y):
@@ -91,7 +100,9 @@ class ClassAttentionEncoder(nn.Module):
             block = ClassAttentionBlock(cfg, name=f"classblock_{j}", **kw)
             cls, named[f"class_attn_{j}"] = block(cls, x, return_probs=return_probs)
             named[f"class_block_{j}"] = cls
-        x = layer_norm(cfg.ln_eps, name="encoder_norm", **kw)(jnp.concatenate([cls, x], axis=1))
+        x = jnp.concatenate([cls, x], axis=1)
+        if cfg.final_norm:
+            x = layer_norm(cfg.ln_eps, name="encoder_norm", **kw)(x)
         return x, named
 
 
@@ -115,8 +126,12 @@ class CaiT(VisionTransformer):
             )
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         out = {}
-        x = out["patch_embed"] = self._embed_patches(images)
-        x = out["tokens"] = nn.Dropout(cfg.dropout)(self._add_posemb(x), not train)
+        x = out["patch_embed"] = embed_patches(self, images)
+        x = nn.Dropout(cfg.dropout)(add_posemb(self, x), not train)
+        if cfg.pre_norm:
+            out["embedded"] = x
+            x = layer_norm(cfg.ln_eps, name="pre_norm", **kw)(x)
+        out["tokens"] = x
         n, _, d = x.shape
         cls = self.param("cls", shape_only, (1, 1, d), self.param_dtype)
         cls = jnp.broadcast_to(jnp.asarray(cls, x.dtype), (n, 1, d))

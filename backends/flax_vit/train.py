@@ -9,12 +9,18 @@ corrections in host float64 like the reference. bf16 runs the module in bfloat16
 parameters, moments and loss.
 
 The training step's loss is `backends.flax_vit.loss.cross_entropy`, the one the parity tests
-hold equal to `vitspec.loss_and_grad`.
+hold equal to `vitspec.loss_and_grad`. Dropout and stochastic-depth masks come from
+`vitspec.masks`' hash of (seed, step, site, global example, element) (backends/flax_vit/masks.py),
+the PyTorch backend's masks bit for bit.
+
+Every device of every process trains (backends/flax_vit/sharding.py): the batch is sharded over a
+`data` mesh axis, parameters and moments replicated, so the step's gradient is the global batch's
+mean; one device or eight, the run is the same up to the order of the gradient's sums.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import jax
@@ -22,10 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from backends.flax_vit import sharding
 from backends.flax_vit.cait import module_for
 from backends.flax_vit.convert import from_reference, mapping, to_reference
 from backends.flax_vit.loss import cross_entropy
+from backends.flax_vit.masks import counter_masks
 from backends.flax_vit.model import VisionTransformer
+from vitspec import masks
 from vitspec.config import ViTConfig
 from vitspec.recipe import AdamState, Recipe, clip_scale, decays
 
@@ -49,12 +58,13 @@ def normalize(images, table, dtype):
 
 
 def as_tree(reference: Mapping[str, np.ndarray], cfg: ViTConfig, dtype) -> dict:
-    """A reference-named tree as the module's big_vision tree of `dtype` device arrays."""
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), from_reference(dict(reference), cfg)["params"])
+    """A reference-named tree as the module's big_vision tree of `dtype` host arrays."""
+    return jax.tree.map(lambda a: np.asarray(a, dtype), from_reference(dict(reference), cfg)["params"])
 
 
 class FlaxBackend:
-    """vitspec.app.training.Backend in JAX/Flax; `precision` 'fp64' (x64 enabled) is for the parity tests."""
+    """vitspec.app.training.Backend in JAX/Flax over every device; `precision` 'fp64' turns on JAX's
+    float64 (jax_enable_x64) for the process: the verification mode."""
 
     def __init__(
         self,
@@ -65,29 +75,39 @@ class FlaxBackend:
         precision: str,
         seed: int,
     ):
-        self.cfg, self.recipe = cfg, recipe
+        if precision == "fp64" and not jax.config.jax_enable_x64:
+            jax.config.update("jax_enable_x64", True)
+        self.cfg, self.recipe, self.seed = cfg, recipe, seed
         self.dtype, param_dtype = DTYPES[precision]
         self.module = module_for(cfg, dtype=self.dtype, param_dtype=param_dtype)
-        self.params = as_tree(params, cfg, param_dtype)
-        self.mu = jax.tree.map(jnp.zeros_like, self.params)
-        self.nu = jax.tree.map(jnp.zeros_like, self.params)
+        self.parallel = sharding.DataParallel()
+        tree = as_tree(params, cfg, param_dtype)
+        self.params = self.parallel.replicate(tree)
+        self.mu, self.nu = (self.parallel.replicate(jax.tree.map(np.zeros_like, tree)) for _ in range(2))
         self.step = 0
-        self.dropout_key = jax.random.key(seed)
-        self.table = jnp.asarray(normalization)
+        self.table = self.parallel.replicate(np.asarray(normalization))
+        replicated, batch = self.parallel.replicated, self.parallel.batch
         self._train_step = jax.jit(
-            partial(train_step, self.module, recipe, decay_mask(cfg)), donate_argnums=(0, 1, 2)
+            partial(train_step, self.module, recipe, decay_mask(cfg)),
+            in_shardings=(replicated,) * 3 + (batch, batch) + (replicated,) * 3,
+            out_shardings=(replicated,) * 5,
+            donate_argnums=(0, 1, 2),
         )
-        self._logits = jax.jit(self._eval_logits)
+        self._logits = jax.jit(
+            self._eval_logits, in_shardings=(replicated, batch, replicated), out_shardings=batch
+        )
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float):
+        """One step on this process's rows of the global batch; the loss and count are the global batch's."""
         self.step += 1
         recipe, t = self.recipe, self.step
         hyper = {
-            name: jnp.asarray(value, self.params_dtype)
+            name: np.asarray(value, self.params_dtype)
             for name, value in {"lr": lr, "bias1": 1 - recipe.beta1**t, "bias2": 1 - recipe.beta2**t}.items()
         }
-        # The dropout key of step t - 1: a function of (seed, step), so resuming needs no RNG state.
-        key = jax.random.fold_in(self.dropout_key, t - 1)
+        # The masks of step t - 1: a function of (seed, step), so resuming needs no RNG state.
+        hyper, key = self.parallel.replicate((hyper, np.uint32(masks.step_key(self.seed, t - 1))))
+        images, labels = (self.parallel.global_batch(a) for a in (images, labels))
         self.params, self.mu, self.nu, loss, correct = self._train_step(
             self.params, self.mu, self.nu, images, labels, self.table, hyper, key
         )
@@ -97,12 +117,20 @@ class FlaxBackend:
     def params_dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
 
-    def _eval_logits(self, params, images):
-        logits = self.module.apply({"params": params}, normalize(images, self.table, self.dtype))
+    def _eval_logits(self, params, images, table):
+        logits = self.module.apply({"params": params}, normalize(images, table, self.dtype))
         return logits.astype(jnp.float32)
 
     def eval_logits(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self._logits(self.params, images))
+        """Logits of the whole batch `images` (every process passes all of it), computed sharded: the
+        batch padded to a multiple of the device count, each process feeding its devices' rows."""
+        n, processes = len(images), jax.process_count()
+        padded = -(-n // self.parallel.devices) * self.parallel.devices
+        images = np.concatenate([images, np.repeat(images[-1:], padded - n, axis=0)])
+        rows = padded // processes
+        local = images[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+        logits = self._logits(self.params, self.parallel.global_batch(local), self.table)
+        return self.parallel.to_host(logits)[:n]
 
     def reference_params(self) -> dict[str, np.ndarray]:
         return to_reference(jax.device_get(self.params), self.cfg)
@@ -114,7 +142,9 @@ class FlaxBackend:
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         adam = AdamState.from_arrays(state)
         self.step = adam.step
-        self.mu, self.nu = (as_tree(m, self.cfg, self.params_dtype) for m in (adam.mu, adam.nu))
+        self.mu, self.nu = (
+            self.parallel.replicate(as_tree(m, self.cfg, self.params_dtype)) for m in (adam.mu, adam.nu)
+        )
 
 
 def train_step(
@@ -128,13 +158,15 @@ def train_step(
     labels,
     table,
     hyper: dict,
-    dropout_key,
+    step_key,
 ):
-    """One step of the recipe: (params, mu, nu, loss, correct) after vitspec.recipe.adamw_step."""
+    """One step of the recipe: (params, mu, nu, loss, correct) after vitspec.recipe.adamw_step; the
+    dropout masks are vitspec.masks' at `step_key` (no PRNG key is given: a draw that escaped them fails)."""
 
     def loss_fn(p):
         x = normalize(images, table, module.dtype)
-        logits = module.apply({"params": p}, x, train=True, rngs={"dropout": dropout_key})
+        with counter_masks(step_key):
+            logits = module.apply({"params": p}, x, train=True)
         return cross_entropy(logits, labels, recipe.label_smoothing), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -161,6 +193,12 @@ def train_step(
 
 def default_precision() -> str:
     return "fp32" if jax.default_backend() == "cpu" else "bf16"
+
+
+def topology() -> tuple[int, int, int, Callable[[], None]]:
+    """(process index, process count, device count, barrier), after joining the other processes."""
+    sharding.init()
+    return jax.process_index(), jax.process_count(), jax.device_count(), sharding.barrier
 
 
 if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here

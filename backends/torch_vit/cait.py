@@ -20,7 +20,10 @@ K num_classes), timm.models.cait.Cait's names and shapes:
 
 timm's Cait always has talking heads and LayerScale; without them the rows are simply absent
 (timm's `attn_block=Attention` builds the former). A sincos2d posemb is the non-persistent
-float64 buffer `pos_embed_sincos`, as in the ViT module.
+float64 buffer `pos_embed_sincos`, as in the ViT module (the sinusoidal ones too). The knobs of
+the ViT families apply as in the ViT module: `norm_pre` (pre_norm), no `patch_embed.proj.bias`
+(patch_bias=False), no `norm` (final_norm=False), no attn.proj / mlp biases in either kind of
+block (proj_bias=False), q/k/v of attention_dim; timm's Cait has none of these.
 
 Training: the self-attention blocks draw dropout, attention dropout (on the weights after the
 talk_weights mix) and stochastic depth exactly as the ViT module's blocks; the class-attention
@@ -34,17 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.torch_vit.convert import from_reference
-from backends.torch_vit.model import (
+from backends.torch_vit.layers import (
     Attention,
-    DropPath,
     Mlp,
     PatchEmbed,
-    VisionTransformer,
+    add_posemb,
     attend,
-    fixed_posemb,
+    fixed_posemb_buffer,
     merge_heads,
     split_heads,
 )
+from backends.torch_vit.model import DropPath, VisionTransformer
 from vitspec.config import ViTConfig
 from vitspec.params import init_params
 from vitspec.reference import select_outputs
@@ -97,7 +100,7 @@ class LayerScaleBlock(nn.Module):
         self.attn = TalkingHeadAttention(cfg) if cfg.talking_heads else Attention(cfg)
         self.drop_path1 = DropPath(drop_path_rate)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg, cfg.dropout)
+        self.mlp = Mlp(cfg, cfg.dropout, bias=cfg.proj_bias)
         self.drop_path2 = DropPath(drop_path_rate)
 
     def forward(self, x, return_probs: bool = False):  # [n, p, d] -> ([n, p, d], probs or None)
@@ -108,15 +111,16 @@ class LayerScaleBlock(nn.Module):
 
 
 class ClassAttention(nn.Module):
-    """timm's ClassAttn: the class token (row 0) queries every token; separate q, k, v."""
+    """timm's ClassAttn: the class token (row 0) queries every token; separate q, k, v (to
+    attention_dim, as the self-attention's)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.q = nn.Linear(cfg.width, cfg.width, bias=cfg.qkv_bias)
-        self.k = nn.Linear(cfg.width, cfg.width, bias=cfg.qkv_bias)
-        self.v = nn.Linear(cfg.width, cfg.width, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.q = nn.Linear(cfg.width, cfg.attention_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.width, cfg.attention_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.width, cfg.attention_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.attention_dim, cfg.width, bias=cfg.proj_bias)
 
     def forward(self, u, return_probs: bool = False):  # [n, 1+p, d] -> ([n, 1, d], [n, heads, 1, 1+p])
         q = split_heads(self.q(u[:, :1]), self.num_heads)
@@ -134,7 +138,7 @@ class LayerScaleBlockClassAttn(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.attn = ClassAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg, dropout=0.0, hidden=cfg.class_attention_mlp_dim)
+        self.mlp = Mlp(cfg, dropout=0.0, hidden=cfg.class_attention_mlp_dim, bias=cfg.proj_bias)
 
     def forward(self, x, cls, return_probs: bool = False):  # patches [n, p, d], cls [n, 1, d]
         attended, probs = self.attn(self.norm1(torch.cat((cls, x), dim=1)), return_probs)
@@ -163,24 +167,25 @@ class Cait(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         learned = cfg.posemb == "learned"
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.posemb_length, cfg.width)) if learned else None
-        self.register_buffer("pos_embed_sincos", fixed_posemb(cfg), persistent=False)
+        self.register_buffer("pos_embed_sincos", fixed_posemb_buffer(cfg), persistent=False)
         self.pos_drop = nn.Dropout(cfg.dropout)
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(LayerScaleBlock(cfg, rate) for rate in cfg.drop_path_rates)
         self.blocks_token_only = nn.ModuleList(
             LayerScaleBlockClassAttn(cfg) for _ in range(cfg.class_attention_depth)
         )
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps) if cfg.final_norm else nn.Identity()
         self.head = nn.Linear(cfg.width, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.load_state_dict(from_reference(init_params(cfg, seed), cfg))
 
     def forward(self, images, intermediates: bool = False, attention_maps: bool = False):
         named: dict[str, torch.Tensor] = {}
         x = named["patch_embed"] = self.patch_embed(images)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        if self.pos_embed_sincos is not None:
-            x = x + self.pos_embed_sincos.to(x.dtype)
-        x = named["tokens"] = self.pos_drop(x)
+        fixed = None if self.pos_embed_sincos is None else self.pos_embed_sincos.to(x.dtype)
+        x = self.pos_drop(add_posemb([], x, fixed if self.pos_embed is None else self.pos_embed, False))
+        if self.cfg.pre_norm:
+            named["embedded"] = x
+        x = named["tokens"] = self.norm_pre(x)
         for i, block in enumerate(self.blocks):
             x, probs = block(x, attention_maps)
             named[f"block_{i}"] = x

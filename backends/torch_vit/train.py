@@ -9,18 +9,33 @@ CPU in float32. torch.compile is not used: the model compiles without graph brea
 (tests/test_torch_model.py), but on CPU the compiled training step was slower (S/16 batch 16:
 5.6 vs 6.0 img/s after a 26 s compile; the 32 px CIFAR model: no gain after 17 s), the step
 being matmul-bound (bench/PERFORMANCE.md).
+
+Dropout and stochastic-depth masks come from `vitspec.masks`' hash of (seed, step, site, global
+example, element) (backends/torch_vit/masks.py): the same masks however the batch is split, and
+the Flax backend's bit for bit.
+
+Launched by torchrun (`torchrun --nproc-per-node N -m backends.torch_vit.train ...`), each rank
+trains on its rows of the global batch with DistributedDataParallel (backends/torch_vit/distributed.py):
+DDP averages the ranks' gradients of their local mean losses, which is the global batch's mean
+gradient (the ranks hold equal shares), so clipping sees the global norm and every rank takes the
+same AdamW step. FSDP2 (`torch.distributed.fsdp.fully_shard`) would shard parameters and moments
+for models that do not fit one device; it is not wired in: these models fit, and it would have to
+be shown to keep the run exact (its reduce-scatter and per-shard clipping sums) first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from backends.torch_vit import distributed
 from backends.torch_vit.cait import model_for
 from backends.torch_vit.convert import from_reference, mapping_table, to_reference
+from backends.torch_vit.masks import CounterMasks
 from vitspec.config import ViTConfig
 from vitspec.recipe import AdamState, Recipe, clip_scale, decays
 
@@ -61,11 +76,6 @@ def adamw(
     )
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The dropout seed of one step: a function of (seed, step), so resuming needs no RNG state."""
-    return int(np.random.SeedSequence(seed, spawn_key=(step,)).generate_state(1, np.uint64)[0] >> 1)
-
-
 class TorchBackend:
     """vitspec.app.training.Backend in PyTorch; `precision` 'fp64' is for the parity tests."""
 
@@ -80,7 +90,8 @@ class TorchBackend:
         device: str | None = None,
     ):
         self.cfg, self.recipe, self.seed = cfg, recipe, seed
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else distributed.device()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.dtype = DTYPES[precision]
         self.autocast = precision == "bf16"
         self.model = model_for(cfg).to(self.device, self.dtype)
@@ -95,30 +106,47 @@ class TorchBackend:
         )
         self.table = torch.from_numpy(normalization).to(self.device)
         self.channels = torch.arange(cfg.in_channels, device=self.device)
+        self._ddp: DistributedDataParallel | None = None
+
+    @property
+    def trainer(self) -> torch.nn.Module:
+        """The model under DDP when there are several ranks (wrapped at the first step: a Backend made
+        only to evaluate never joins DDP's parameter broadcast)."""
+        if self.world_size == 1:
+            return self.model
+        if self._ddp is None:
+            # The buffers (a fixed position table) are constants: nothing to broadcast every step.
+            self._ddp = DistributedDataParallel(self.model, forward_sync_buffers=False)
+        return self._ddp
 
     def normalize(self, images: np.ndarray) -> torch.Tensor:
         """uint8 NHWC -> NCHW in the model dtype: datasets.normalize's float32 values, then cast."""
         pixels = torch.from_numpy(images).to(self.device, non_blocking=True).long()
         return self.table[pixels, self.channels].permute(0, 3, 1, 2).to(self.dtype)
 
-    def logits(self, images: np.ndarray) -> torch.Tensor:
+    def logits(self, images: np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(self.normalize(images))
+            return (model or self.model)(self.normalize(images))
 
     def train_step(
         self, images: np.ndarray, labels: np.ndarray, lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.manual_seed(step_seed(self.seed, self.step))
+        """One step on this rank's rows of the global batch (rows rank * n ... of it); the loss and
+        count returned are the global batch's."""
         self.model.train()
         targets = torch.from_numpy(labels).to(self.device)
-        logits = self.logits(images)
+        with CounterMasks(self.seed, self.step, first_example=self.rank * len(labels)):
+            logits = self.logits(images, self.trainer)
         # At least float32: a bfloat16 log-softmax would lose the loss to rounding.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
-        grads = torch.autograd.grad(loss, list(self.params.values()))
-        self.apply_update(dict(zip(self.params, grads, strict=True)), lr)
+        loss.backward()  # under DDP: the gradients averaged over the ranks
+        self.apply_update({name: p.grad for name, p in self.params.items()}, lr)
         correct = (logits.argmax(-1) == targets).sum()
-        return loss.detach(), correct
+        if self.world_size == 1:
+            return loss.detach(), correct
+        sums = distributed.sum_over_ranks(torch.stack([loss.detach(), correct.to(loss.dtype)]))
+        return sums[0] / self.world_size, sums[1]
 
     @torch.no_grad()
     def apply_update(self, grads: dict[str, torch.Tensor], lr: float) -> None:
@@ -141,8 +169,14 @@ class TorchBackend:
 
     @torch.no_grad()
     def eval_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits of the whole batch `images` (every rank passes all of it), computed sharded: the
+        batch padded to a multiple of the ranks, each rank its share, gathered."""
         self.model.eval()
-        return self.logits(images).float().cpu().numpy()
+        n = len(images)
+        share = -(-n // self.world_size)
+        padded = np.concatenate([images, np.repeat(images[-1:], share * self.world_size - n, axis=0)])
+        mine = self.logits(padded[self.rank * share : (self.rank + 1) * share]).float()
+        return distributed.gather_rows(mine).cpu().numpy()[:n]
 
     def reference_params(self) -> dict[str, np.ndarray]:
         return to_reference(self.model.state_dict(), self.cfg)
@@ -174,6 +208,12 @@ class TorchBackend:
 
 def default_precision() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def topology() -> tuple[int, int, int, Callable[[], None]]:
+    """(rank, ranks, devices: one per rank, barrier), after joining torchrun's process group."""
+    distributed.init()
+    return distributed.rank(), distributed.world_size(), distributed.world_size(), distributed.barrier
 
 
 if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here

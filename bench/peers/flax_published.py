@@ -1,11 +1,13 @@
 """The ViTs of the two published flax codebases, module for module, so that their parameter trees
-are those codebases' own: big_vision/models/vit.py (`_Model`, what `vit.Model(...)` builds) and
-vision_transformer's vit_jax/models_vit.py (`VisionTransformer`, without the ResNet stem).
+are those codebases' own: big_vision/models/vit.py (`_Model`, what `vit.Model(...)` builds, with
+its `scan=True` encoder) and vision_transformer's vit_jax/models_vit.py (`VisionTransformer`,
+without the ResNet stem).
 
 Inference path only (no dropout, which is the identity at inference). Kept as published, traps
 included: `nn.gelu` is flax's default, the tanh approximation; `nn.LayerNorm` has flax's default
 epsilon 1e-6; vit_jax computes its encoder blocks in float32 whatever the parameters' dtype.
-tests/test_flax_export.py applies `vitspec convert --to flax / --to vit_jax` files in them.
+tests/test_flax_export.py applies `vitspec convert --to flax / --to vit_jax` files in them;
+tests/test_big_vision_families.py a SigLIP-style image tower, plain and scanned.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class Encoder1DBlock(nn.Module):
         return x + MlpBlock(self.mlp_dim, self.dtype)(y)
 
 
+class ScannedBlock(Encoder1DBlock):
+    """The block as big_vision's `nn.scan` steps it: (carry, per-step output)."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        return super().__call__(x), None
+
+
 class AddPositionEmbs(nn.Module):
     """vit_jax's learned embedding over every token, class token included."""
 
@@ -63,13 +73,29 @@ class Encoder(nn.Module):
     num_heads: int
     block_dtype: object = None
     position_embedding: bool = False  # vit_jax's `add_position_embedding`; big_vision adds it outside
+    scan: bool = False  # big_vision's: one block scanned over depth, its parameters stacked on axis 0
 
     @nn.compact
     def __call__(self, x):
         if self.position_embedding:
             x = AddPositionEmbs(name="posembed_input")(x)
-        for i in range(self.depth):
-            x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.block_dtype, name=f"encoderblock_{i}")(x)
+        if self.scan:
+            # As big_vision: remat'ed, scanned with params on axis 0 and a fresh rng per step.
+            block = nn.remat(ScannedBlock, prevent_cse=False)
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )
+            x, _ = scanned(self.mlp_dim, self.num_heads, self.block_dtype, name="encoderblock")(x, None)
+        else:
+            for i in range(self.depth):
+                block = Encoder1DBlock(
+                    self.mlp_dim, self.num_heads, self.block_dtype, name=f"encoderblock_{i}"
+                )
+                x = block(x)
         return nn.LayerNorm(name="encoder_norm")(x)
 
 
@@ -97,6 +123,7 @@ class BigVisionViT(nn.Module):
     posemb: str = "learn"  # or "sincos2d"
     rep_size: int | bool = False
     pool_type: str = "gap"  # or "map", "tok"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, images):
@@ -113,7 +140,7 @@ class BigVisionViT(nn.Module):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
         mlp_dim = self.mlp_dim or 4 * c
-        x = Encoder(self.depth, mlp_dim, self.num_heads, name="Transformer")(x)
+        x = Encoder(self.depth, mlp_dim, self.num_heads, scan=self.scan, name="Transformer")(x)
         if self.pool_type == "map":
             x = MAPHead(mlp_dim, self.num_heads)(x)
         elif self.pool_type == "gap":

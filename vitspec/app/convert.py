@@ -25,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-from vitspec.app.convert_check import CheckFailed, check_conversion
+from vitspec.app.convert_check import CheckFailed, check_conversion, check_resampling
+from vitspec.app.resampling import CHOICES as RESAMPLE_CHOICES
+from vitspec.app.resampling import resample_method
 from vitspec.config import GELUS, POOLS, POSEMBS, ViTConfig
 from vitspec.formats import (
     EXTERNAL,
@@ -42,13 +44,24 @@ from vitspec.formats import (
 from vitspec.formats.big_vision import big_vision_construction
 from vitspec.formats.checkpoint import CheckpointError
 from vitspec.formats.flags import FLAGS, SHOWN_BY_NAMES
+from vitspec.formats.scenic import scenic_construction
 from vitspec.formats.strict import unsettled
 from vitspec.formats.table import FormatError
 from vitspec.formats.timm import timm_construction
+from vitspec.formats.tutorial import tutorial_construction
+from vitspec.formats.vit_flax import vit_flax_construction
 from vitspec.params import ParamTreeError, num_params
-from vitspec.posemb import resample_model
+from vitspec.posemb import COMPUTE_DTYPES, resample_model
 
 Size = int | tuple[int, int]
+
+
+# The other codebases' models a written file is the parameters of (vitspec.formats.scenic, ...).
+FAMILY_CONSTRUCTIONS = {
+    "scenic": scenic_construction,
+    "vit_flax": vit_flax_construction,
+    "tutorial": tutorial_construction,
+}
 
 
 class Conversion(NamedTuple):
@@ -67,6 +80,8 @@ def convert(
     to_fmt: str | None = None,
     image_size: Size | None = None,
     source_image_size: Size | None = None,
+    resample: str | None = None,
+    resample_dtype: str = "float64",
     check: bool = False,
     overwrite: bool = False,
     strict: bool = False,
@@ -84,11 +99,18 @@ def convert(
     # vitspec.formats.lazy), so memory holds a few tensors, not the source and target trees.
     source = open_with_notes(src, from_fmt, strict=strict, image_size=source_image_size, **flags)
     cfg, params = source.cfg, source.params
+    if image_size is None and (resample or resample_dtype != "float64"):
+        raise FormatError(
+            "--resample and --resample-dtype choose how --image-size resamples: pass --image-size"
+        )
     resampled = image_size is not None and _as_pair(image_size) != cfg.image_size
+    method, how = "big_vision", None  # (how: None where no learned posemb is resampled)
     if resampled:
         posemb = {k: params[k] for k in ("pos_embed",) if k in params}  # all that resampling changes
         try:
-            cfg, posemb = resample_model(cfg, posemb, _as_pair(image_size))
+            if cfg.posemb == "learned":
+                method, how = resample_method(source.fmt, resample, resample_dtype)
+            cfg, posemb = resample_model(cfg, posemb, _as_pair(image_size), method, resample_dtype)
         except ValueError as e:
             raise FormatError(f"--image-size {image_size}: {e}") from None
         params = params.replace(posemb)
@@ -99,9 +121,13 @@ def convert(
         if created and dst.is_dir() and not any(dst.iterdir()):
             dst.rmdir()  # an hf directory made for a write that failed (a bad source tensor)
         raise
-    _print_summary(out, src, dst, source, to_fmt, cfg)
+    _print_summary(out, src, dst, source, to_fmt, cfg, how)
     # --check runs float64 models on the whole tree: outside the streaming's memory bound.
     diff = check_conversion(cfg, dict(params), dst, to_fmt, resampled, out) if check else None
+    if check and how:
+        check_resampling(
+            source.cfg, source.params["pos_embed"], cfg, params["pos_embed"], method, resample_dtype, out
+        )
     return Conversion(source.fmt, to_fmt, source.cfg, cfg, diff)
 
 
@@ -118,7 +144,7 @@ def _target_format(dst: Path, to_fmt: str | None, out: TextIO) -> str:
     return fmt
 
 
-def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTConfig) -> None:
+def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTConfig, how: str | None) -> None:
     print(f"{Path(src).name} ({source.fmt}) -> {dst.name} ({to_fmt})", file=out)
     print(f"config: {cfg}", file=out)
     for note in source.notes:
@@ -134,10 +160,7 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
     if cfg.image_size != source.cfg.image_size:
         old, new = source.cfg.grid_size, cfg.grid_size
         if cfg.posemb == "learned":
-            what = (
-                f"position embedding resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} "
-                "(bilinear, big_vision's)"
-            )
+            what = f"position embedding resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} {how}"
         else:
             what = f"no learned position embedding to resample ({cfg.posemb})"
         print(f"image size {source.cfg.image_size} -> {cfg.image_size}: {what}", file=out)
@@ -145,8 +168,11 @@ def _print_summary(out: TextIO, src, dst: Path, source, to_fmt: str, cfg: ViTCon
         _print_unstored(out, to_fmt, cfg, dst.is_dir())
     if to_fmt == timm.NAME:
         print(f"timm loads it (load_state_dict(strict=True)) into: {timm_construction(cfg)}", file=out)
-    if to_fmt == big_vision.NAME:
-        print(f"big_vision applies it in: {big_vision_construction(cfg)}", file=out)
+    if to_fmt in (big_vision.NAME, big_vision.BIG_VISION_NAME, big_vision.SCAN_NAME):
+        construction = big_vision_construction(cfg, scan=to_fmt == big_vision.SCAN_NAME)
+        print(f"big_vision applies it in: {construction}", file=out)
+    if to_fmt in FAMILY_CONSTRUCTIONS:
+        print(f"the {to_fmt} model whose parameters it is: {FAMILY_CONSTRUCTIONS[to_fmt](cfg)}", file=out)
 
 
 def _print_unstored(out: TextIO, fmt: str, cfg: ViTConfig, directory: bool) -> None:
@@ -190,10 +216,28 @@ def build_parser(prog: str = "vitspec convert") -> argparse.ArgumentParser:
     parser.add_argument("--to", dest="to_fmt", metavar="FMT", help="target format (default: from the suffix)")
     parser.add_argument("--image-size", type=_size, metavar="H[,W]", help="resample the posemb to this size")
     parser.add_argument(
+        "--resample",
+        choices=RESAMPLE_CHOICES,
+        help="how --image-size resamples the posemb, as that library does (default: the source format's own; "
+        "vitspec's own files: big_vision)",
+    )
+    parser.add_argument(
+        "--resample-dtype",
+        choices=COMPUTE_DTYPES,
+        default="float64",
+        help="compute the timm/hf resampling in float32, as those libraries do on float32 tensors",
+    )
+    parser.add_argument(
         "--source-image-size",
         type=_size,
         metavar="H[,W]",
         help="the source's image size, where the posemb cannot show it",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=_size,
+        metavar="H[,W]",
+        help="the source's patch size, where its patch embedding cannot show it (vit_flax)",
     )
     parser.add_argument(
         "--heads", type=int, metavar="N", help="attention heads (torch and hf files do not store them)"
@@ -202,6 +246,11 @@ def build_parser(prog: str = "vitspec convert") -> argparse.ArgumentParser:
     parser.add_argument("--ln-eps", type=float, metavar="X")
     parser.add_argument("--posemb", choices=POSEMBS)
     parser.add_argument("--pool", choices=POOLS)
+    parser.add_argument(
+        "--pool-include-prefix",
+        action=argparse.BooleanOptionalAction,
+        help="the pool reduces the class/register tokens too (timm pool_include_prefix; default: no)",
+    )
     shown = parser.add_argument_group(
         "parts a file shows by their parameters",
         "Missing parameters read as a missing part, with a note; these flags confirm that (--strict\n"
@@ -236,6 +285,8 @@ def main(argv: list[str] | None = None, prog: str = "vitspec convert") -> int:
             to_fmt=args.to_fmt,
             image_size=args.image_size,
             source_image_size=args.source_image_size,
+            resample=args.resample,
+            resample_dtype=args.resample_dtype,
             check=args.check,
             overwrite=args.overwrite,
             strict=args.strict,
@@ -244,6 +295,8 @@ def main(argv: list[str] | None = None, prog: str = "vitspec convert") -> int:
             ln_eps=args.ln_eps,
             posemb=args.posemb,
             pool=args.pool,
+            pool_include_prefix=args.pool_include_prefix,
+            patch_size=args.patch_size,
             **{keyword: getattr(args, keyword) for keyword in SHOWN_BY_NAMES},
         )
     except CheckFailed as e:  # the file is written and wrong: a failure, not a user error

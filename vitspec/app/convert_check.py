@@ -1,7 +1,9 @@
-"""`vitspec convert --check`: the written file run in its own ecosystem's backend against the reference."""
+"""`vitspec convert --check`: the written file run in its own ecosystem's backend against the reference,
+and a timm or transformers resampling of the position embedding against torch's own F.interpolate."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TextIO
 
@@ -17,6 +19,9 @@ CHECK_BATCH = 2
 # A conversion copies arrays: in float64 the written file's logits match the reference's to
 # rounding (parity tests: <= 5e-13 of the largest logit). Above this, or not finite, it failed.
 CHECK_REL = 1e-9
+# vitspec.interpolate against torch's F.interpolate (tests/test_resample.py measures <= 9e-15 in
+# float64, <= 4.8e-6 in float32, relative to the largest value).
+RESAMPLE_REL = {"float64": 1e-12, "float32": 1e-5}
 
 
 class CheckFailed(ValueError):
@@ -34,7 +39,7 @@ def check_conversion(
 
     `params` is the source tree as read, or after `--image-size` the resampled one (a model at
     another size cannot see the source's images): the check covers the written file; resampling
-    is specified (vitspec.posemb), not checked here.
+    is checked by check_resampling.
     """
     images = np.random.default_rng(0).standard_normal((CHECK_BATCH, *cfg.image_size, cfg.in_channels))
     expected = forward(cfg, params, images)
@@ -106,12 +111,64 @@ def _run_flax(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
 
 
 def _run_transformers(directory: Path, images: np.ndarray) -> np.ndarray:
+    """The written directory's output in transformers, by the class its config.json names: logits,
+    else image_embeds (CLIP's projection), pooler_output, last_hidden_state (pool 'none')."""
     import torch
-    from transformers import AutoModel, ViTForImageClassification
+    import transformers
 
-    config = (directory / "config.json").read_text()
-    cls = ViTForImageClassification if "ViTForImageClassification" in config else AutoModel
-    model = cls.from_pretrained(directory, dtype=torch.float64).eval()
+    architecture = json.loads((directory / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(directory, dtype=torch.float64).eval()
     with torch.no_grad():
         out = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
-    return (out.logits if hasattr(out, "logits") else out.pooler_output).numpy()
+    for field in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
+        value = getattr(out, field, None)
+        if value is not None:
+            return value.numpy()
+    raise AssertionError(f"{architecture} returned none of logits, image_embeds, pooler_output")
+
+
+def check_resampling(
+    source: ViTConfig, old_posemb, cfg: ViTConfig, new_posemb, method: str, compute_dtype: str, out: TextIO
+) -> float | None:
+    """Max |our resampled grid - torch's F.interpolate of the source grid| for timm's and hf's methods
+    (their libraries' calls: bicubic, antialiased for timm), in `compute_dtype`; None where there is
+    nothing to run (big_vision's method is SciPy's zoom itself; torch not installed)."""
+    if method == "big_vision":
+        return None
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        print(
+            "check: torch is not installed; the posemb resampling is not compared with F.interpolate",
+            file=out,
+        )
+        return None
+    prefix = source.num_prefix_tokens if source.posemb_on_cls else 0
+    grid = np.asarray(old_posemb, compute_dtype)[prefix:].reshape(*source.grid_size, -1)
+    (new_h, new_w), antialias = cfg.grid_size, method == "timm"
+    # torch 2.13's antialiased kernel resizes the height of a 1-wide grid with the first output row's
+    # weights for every row (vitspec.interpolate): such a grid goes through it transposed.
+    transposed = antialias and new_w == 1 and new_h not in (1, grid.shape[0])
+    hwc = grid.transpose(1, 0, 2) if transposed else grid
+    nchw = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None]
+    size = (new_w, new_h) if transposed else (new_h, new_w)
+    theirs = F.interpolate(nchw, size=size, mode="bicubic", align_corners=False, antialias=antialias)[0]
+    expected = theirs.numpy().transpose((2, 1, 0) if transposed else (1, 2, 0))
+    expected = expected.reshape(-1, grid.shape[-1]).astype(np.float64)
+    ours = np.asarray(new_posemb)[prefix:]
+    diff, scale = float(np.max(np.abs(ours.astype(np.float64) - expected))), float(np.max(np.abs(expected)))
+    # The written posemb is rounded to the file's dtype: one rounding of it more.
+    bound = (RESAMPLE_REL[compute_dtype] + float(np.finfo(ours.dtype).eps)) * scale
+    print(
+        f"check: posemb resampled as {method}'s vs torch F.interpolate ({compute_dtype}): "
+        f"max |diff| {diff:.3g} (max |value| {scale:.3g})",
+        file=out,
+    )
+    if not diff <= bound:
+        raise CheckFailed(
+            f"check failed: the resampled posemb is {diff:.3g} away from torch's F.interpolate "
+            f"(bound {bound:.3g}: {RESAMPLE_REL[compute_dtype]:g} x max |value|, and one rounding to "
+            f"{ours.dtype})"
+        )
+    return diff

@@ -73,6 +73,11 @@ def gradcheck(examples: int, seed: int) -> bool:
             f"reg={cfg.num_registers} qk_norm={cfg.qk_norm} ls={cfg.layer_scale} fc_norm={cfg.fc_norm} "
             f"rep={cfg.representation_size} gelu={cfg.gelu}"
         )
+        knobs += (
+            f" pre_norm={cfg.pre_norm} patch_bias={cfg.patch_bias} final_norm={cfg.final_norm} "
+            f"proj_bias={cfg.proj_bias} include_prefix={cfg.pool_include_prefix} distilled={cfg.distilled} "
+            f"attention_dim={cfg.attention_dim}"
+        )
         if cfg.class_attention_depth:
             knobs += f" cait: talking={cfg.talking_heads} class_blocks={cfg.class_attention_depth}"
         print(f"[{i + 1}/{examples}] {len(errors)} tensors, worst {name}: {errors[name]:.2e}   {knobs}")

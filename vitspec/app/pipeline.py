@@ -10,6 +10,12 @@ are fed bit-identical uint8 batches. Normalization to float happens on the devic
 Training batches have a fixed size (the last partial batch of an epoch is dropped); evaluation
 visits every example in order, the last batch smaller.
 
+Data parallelism: `train_batches(..., shard=(i, n))` yields process i's rows of each global batch,
+the i-th of n equal contiguous blocks. The global batch, its order and its augmentation are the
+same for every n: each process augments the whole batch and keeps its rows (augmentation draws
+per batch, not per example, so a block cannot be drawn alone; it costs each process what one
+process spends, small beside a training step).
+
 Augmentation is `vitspec.app.augmentation`'s. `python -m vitspec.app.pipeline` measures the augmented-batch
 throughput on this machine.
 """
@@ -68,7 +74,7 @@ class LoaderState:
 
 
 class TrainBatch(NamedTuple):
-    images: np.ndarray  # uint8 [B, H, W, C]
+    images: np.ndarray  # uint8 [B, H, W, C] (B / n of them in shard i of n)
     labels: np.ndarray  # int64 [B]
     next_state: LoaderState  # save this to resume after this batch
 
@@ -89,9 +95,15 @@ def train_batches(
     batch_size: int,
     state: LoaderState,
     augmentation: Augmentation = NO_AUGMENTATION,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[TrainBatch]:
-    """Endless augmented training batches from `state` on, epoch after epoch (islice it)."""
+    """Endless augmented training batches from `state` on, epoch after epoch (islice it); with
+    `shard` (i, n), block i of n of each."""
     check_batch(images)
+    index, count = shard
+    if not 0 <= index < count or batch_size % count:
+        raise ValueError(f"shard {shard}: expected block i of n with 0 <= i < n, n dividing {batch_size}")
+    rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels {labels.shape} do not match {images.shape[0]} images")
     steps = steps_per_epoch(len(images), batch_size)
@@ -108,7 +120,8 @@ def train_batches(
             indices = order[step * batch_size : (step + 1) * batch_size]
             rng = _generator(state.seed, _AUGMENT_STREAM, epoch, step)
             next_state = LoaderState(state.seed, epoch + (step + 1) // steps, (step + 1) % steps)
-            yield TrainBatch(augment(images[indices], rng, augmentation), labels[indices], next_state)
+            augmented = augment(images[indices], rng, augmentation)
+            yield TrainBatch(augmented[rows], labels[indices][rows], next_state)
         epoch, first_step = epoch + 1, 0
 
 

@@ -2,7 +2,8 @@
 
 `load_any(path, fmt=None, **flags) -> (cfg, params)` reads any of them into the reference tree;
 `save_any(path, fmt, cfg, params)` writes one. Each external layout is one module with one table
-(`timm`, `big_vision`, `vit_jax`, `hf`: `hf` and `hf4` for today's and 4.x transformers names);
+(`timm`, `big_vision`, `vit_jax`, `hf`: `hf` and `hf4` for today's and 4.x transformers names;
+the transformers families `hf_deit`, `hf_clip`, `hf_siglip`, `hf_dinov2`, vitspec.formats.hf_directory);
 `FORMATS` names them for `--from` / `--to`.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats import big_vision, hf, timm, vit_jax
+from vitspec.formats import big_vision, hf, hf_directory, scenic, timm, tutorial, vit_flax, vit_jax
 from vitspec.formats.base import Format
 from vitspec.formats.checkpoint import (
     CONFIG_KEY,
@@ -37,18 +38,32 @@ from vitspec.formats.flags import (
     flag_text,
     given_values,
 )
+from vitspec.formats.flax_trees import IMAGE_TOWER, image_tower, is_scanned
 from vitspec.formats.inference import reading_flags
 from vitspec.formats.lazy import finite, stand_ins
 from vitspec.formats.strict import StrictError, refuse_unsettled
 from vitspec.formats.table import FormatError
-from vitspec.params import validate_params
+from vitspec.params import param_shapes, validate_params
 
 REFERENCE = "ref"
 EXTERNAL: dict[str, Format] = {
-    f.name: f for f in (timm.FORMAT, big_vision.FORMAT, vit_jax.FORMAT, hf.FORMAT, hf.FORMAT_4X)
+    f.name: f
+    for f in (
+        timm.FORMAT,
+        big_vision.FLAX,
+        big_vision.FORMAT,
+        big_vision.FORMAT_SCAN,
+        vit_jax.FORMAT,
+        hf.FORMAT,
+        hf.FORMAT_4X,
+        *hf_directory.FAMILIES.values(),
+        scenic.FORMAT,
+        vit_flax.FORMAT,
+        tutorial.FORMAT,
+    )
 }
 FORMATS = (REFERENCE, *EXTERNAL)
-ALIASES = {"timm": timm.NAME, "big_vision": big_vision.NAME, "reference": REFERENCE}
+ALIASES = {"timm": timm.NAME, "reference": REFERENCE}
 REFERENCE_SUFFIXES = (".safetensors", ".npz")
 
 __all__ = [
@@ -90,11 +105,24 @@ def detect_format(path: str | Path, arrays: dict[str, np.ndarray], metadata: dic
         return REFERENCE
     if "patch_embed.proj.weight" in keys:
         return timm.NAME
+    if tutorial.PATCH + ".weight" in keys:
+        return tutorial.NAME
+    if vit_flax.FIRST + "/Dense_0/kernel" in keys:
+        return vit_flax.NAME
+    if "embedding/kernel" in keys and scenic.HEAD + "/kernel" in keys:
+        return scenic.NAME
+    family = hf_directory.detect(keys)  # before ViT's names, which DeiT's and DINOv2's end like
+    if family is not None:
+        return family
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
         return hf.NAME
+    if IMAGE_TOWER + "embedding/kernel" in keys:  # big_vision's two_towers (SigLIP, LiT): its ViT
+        return big_vision.SCAN_NAME if is_scanned(keys) else big_vision.BIG_VISION_NAME
     if "embedding/kernel" in keys:
         vit_jax_names = vit_jax.POSEMB in keys or any("MultiHeadDotProductAttention_1" in k for k in keys)
-        return vit_jax.NAME if vit_jax_names else big_vision.NAME
+        if vit_jax_names:
+            return vit_jax.NAME
+        return big_vision.SCAN_NAME if is_scanned(keys) else big_vision.NAME  # only big_vision scans
     raise FormatError(
         f"{path}: cannot tell the checkpoint format from its keys (first: {sorted(keys)[:6]}); "
         f"pass --from, one of {', '.join(FORMATS)}"
@@ -123,13 +151,12 @@ def open_with_notes(
     check_flags(flags)
     path = Path(path)
     if path.is_dir():
-        arrays, stated = hf.read_directory(path)
-        fmt = resolve_format(fmt) if fmt else hf.NAME
-        if fmt not in (hf.NAME, hf.NAME_4X):
-            raise FormatError(f"{path}: a directory is read as a transformers ViT (hf), not {fmt}")
+        fmt, arrays, stated = hf_directory.read_directory(path, resolve_format(fmt) if fmt else None)
+        tower: list[Note] = []
     else:
         arrays, metadata = open_tensors(path)
         fmt = resolve_format(fmt) if fmt else detect_format(path, arrays, metadata)
+        arrays, tower = image_tower(arrays)  # a two-tower (SigLIP) file: its image ViT, noted
         stated = {}
     if fmt == REFERENCE:
         cfg, params = open_reference(path)
@@ -140,6 +167,7 @@ def open_with_notes(
     wrong = [f"{field} {value!r}" for field, value in stated.items() if getattr(cfg, field) != value]
     if wrong:
         raise FormatError(f"{path}: {hf.CONFIG_FILE} gives {', '.join(wrong)}, which the weights are not")
+    notes += tower
     if strict:
         refuse_unsettled(str(path), notes)
     params = layout.reference_view(arrays, cfg)
@@ -176,15 +204,15 @@ def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: Mapping[str, np
     turn, so memory holds a few tensors, not the tree twice (torch files: torch.save takes the
     whole converted dict).
 
-    `hf` and `hf4` also write a directory (a path without a suffix): model.safetensors and the
-    config.json transformers' `from_pretrained(path)` reads."""
+    `hf`, `hf4` and the `hf_*` families also write a directory (a path without a suffix):
+    model.safetensors and the config.json transformers' `from_pretrained(path)` reads."""
     fmt = resolve_format(fmt)
     path = Path(path)
-    if fmt in (hf.NAME, hf.NAME_4X) and not path.suffix:
-        EXTERNAL[fmt].table(cfg)  # refuses what transformers' ViT cannot express, before writing anything
+    if fmt in hf_directory.DIRECTORY_FORMATS and not path.suffix:
+        EXTERNAL[fmt].table(cfg)  # refuses what the transformers class cannot express, before writing
         path.mkdir(parents=True, exist_ok=True)
         write_tensors(path / "model.safetensors", EXTERNAL[fmt].native_view(params, cfg))
-        text = json.dumps(hf.transformers_config(cfg), indent=2) + "\n"
+        text = json.dumps(hf_directory.config_json(fmt, cfg), indent=2) + "\n"
         atomic_write(path / "config.json", lambda f: f.write(text.encode()))
         return
     suffixes = REFERENCE_SUFFIXES if fmt == REFERENCE else EXTERNAL[fmt].suffixes
@@ -232,8 +260,9 @@ def flags_needed_to_read_back(fmt: str, cfg: ViTConfig, directory: bool = False)
     zero-memory stand-ins. `directory`: an hf directory, whose config.json settles what it states.
     """
     layout = EXTERNAL[fmt]
-    shapes = {r.native: np.broadcast_to(np.float32(0), r.native_shape) for r in layout.table(cfg)}
-    stored = _as_flags(hf.stated_fields(hf.transformers_config(cfg), hf.CONFIG_FILE)) if directory else {}
+    zeros = {name: np.broadcast_to(np.float32(0), shape) for name, shape in param_shapes(cfg).items()}
+    shapes = stand_ins(layout.native_view(zeros, cfg))  # the file's names (a family's derived ones too)
+    stored = _as_flags(hf_directory.stated_when_written(fmt, cfg)) if directory else {}
     full = reading_flags(cfg)
     needed = []
     for flag in READING_FLAGS:

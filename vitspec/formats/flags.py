@@ -34,7 +34,9 @@ READING_FLAGS = (
     ReadingFlag("ln_eps", "ln_eps", "--ln-eps"),
     ReadingFlag("posemb", "posemb", "--posemb"),
     ReadingFlag("pool", "pool", "--pool"),
+    ReadingFlag("pool_include_prefix", "pool_include_prefix", "--pool-include-prefix", switch=True),
     ReadingFlag("image_size", "image_size", "--source-image-size"),
+    ReadingFlag("patch_size", "patch_size", "--patch-size"),  # a layout that flattens patches (vit_flax)
     ReadingFlag("num_classes", "num_classes", "--num-classes", "a feature extractor"),
     ReadingFlag("representation_size", "representation_size", "--representation-size", "no pre-logits layer"),
     ReadingFlag("class_token", "class_token", "--class-token", "no class token", switch=True),
@@ -44,6 +46,13 @@ READING_FLAGS = (
     ReadingFlag("layer_scale", "layer_scale", "--layer-scale", "no LayerScale", switch=True),
     ReadingFlag("fc_norm", "fc_norm", "--fc-norm", "the final LayerNorm before pooling", switch=True),
     ReadingFlag("talking_heads", "talking_heads", "--talking-heads", "no talking heads", switch=True),
+    ReadingFlag("pre_norm", "pre_norm", "--pre-norm", "no LayerNorm after the embeddings", switch=True),
+    ReadingFlag("patch_bias", "patch_bias", "--patch-bias", "a patch embedding without bias", switch=True),
+    ReadingFlag("final_norm", "final_norm", "--final-norm", "no final LayerNorm", switch=True),
+    ReadingFlag(
+        "proj_bias", "proj_bias", "--proj-bias", "attention output and MLP layers without biases", switch=True
+    ),
+    ReadingFlag("distilled", "distilled", "--distilled", "no distillation token", switch=True),
 )
 FLAGS = {flag.keyword: flag for flag in READING_FLAGS}
 SHOWN_BY_NAMES = tuple(flag.keyword for flag in READING_FLAGS if flag.absent)
@@ -88,7 +97,7 @@ def check_flags(flags: Mapping[str, Any]) -> None:
 def flag_form(keyword: str, value: Any) -> Any:
     """A flag's value in the one form comparisons use: an image size as a pair, no pre-logits layer
     as 0, LayerScale as present or not (its init value is not stored)."""
-    if keyword == "image_size" and value is not None:
+    if keyword in ("image_size", "patch_size") and value is not None:
         return (value, value) if isinstance(value, int) else tuple(value)
     if keyword == "representation_size":
         return value or 0

@@ -26,7 +26,7 @@ def source_grid(
     """The source patch grid and whether the prefix tokens have position-embedding rows."""
     # CaiT's class token enters after the position embedding: it never has a row.
     cait = facts.class_attention_depth > 0
-    prefix = 0 if cait else int(facts.class_token) + facts.num_registers
+    prefix = 0 if cait else int(facts.class_token) + int(facts.distilled) + facts.num_registers
     unseen = False if prefix or cait else conv.posemb_on_cls  # without prefix tokens it changes nothing
     image = told_value("image_size", given, notes)
     grid = _grid_of_flag(image, facts.patch_size)

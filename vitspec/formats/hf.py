@@ -14,13 +14,14 @@ bare ViTModel has no prefix. Written files use `vit.` exactly when there is a cl
 
 ViTModel is one architecture: class token, learned position embedding on every token, pre-norm
 blocks without LayerScale or qk-norm, encoder norm before pooling, classifier on token 0.
+hidden_act is gelu or gelu_pytorch_tanh (gelu_new read as the latter). The families around it
+(DeiT with teacher, CLIP, SigLIP, DINOv2) are their own layouts (hf_deit, hf_clip, hf_siglip,
+hf_dinov2), sharing vitspec.formats.hf_parts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -31,26 +32,25 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats.base import Format, count_blocks, optional_dim, require
 from vitspec.formats.files import open_tensors
+from vitspec.formats.hf_parts import (
+    CONFIG_FILE,
+    Naming,
+    dense_rules,
+    encoder_rules,
+    json_fields,
+    labels_json,
+    norm_rules,
+    num_labels,
+    read_config_json,
+    read_fields,
+    shared_checks,
+)
 from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
 
 NAME = "hf"
 NAME_4X = "hf4"
 CLASSIFIER_PREFIX = "vit."
-
-
-@dataclasses.dataclass(frozen=True)
-class Naming:
-    layers: str  # the blocks' prefix, followed by the block index
-    query: str
-    key: str
-    value: str
-    out: str
-    fc1: str
-    fc2: str
-
-    def layer(self, i: int) -> str:
-        return f"{self.layers}{i}"
 
 
 TRANSFORMERS_5 = Naming(
@@ -87,36 +87,18 @@ def _table(writes: Naming, cfg: ViTConfig, native_keys: Collection[str] | None =
     p = prefix_of(native_keys) if native_keys is not None else (CLASSIFIER_PREFIX if cfg.num_classes else "")
     n = naming_of(native_keys) if native_keys is not None else writes
 
-    def norm(ref, native):
-        return [
-            rule(f"{ref}/scale", f"{native}.weight", Layout.RESHAPE, cfg),
-            rule(f"{ref}/bias", f"{native}.bias", Layout.RESHAPE, cfg),
-        ]
-
-    def dense(ref, native, bias=True):
-        rules = [rule(f"{ref}/kernel", f"{native}.weight", Layout.TRANSPOSE, cfg)]
-        return rules + ([rule(f"{ref}/bias", f"{native}.bias", Layout.RESHAPE, cfg)] if bias else [])
-
     table = [
         token_rule("cls_token", f"{p}embeddings.cls_token", cfg),
         token_rule("pos_embed", f"{p}embeddings.position_embeddings", cfg),
         rule("patch_embed/kernel", f"{p}embeddings.patch_embeddings.projection.weight", Layout.CONV, cfg),
         rule("patch_embed/bias", f"{p}embeddings.patch_embeddings.projection.bias", Layout.RESHAPE, cfg),
     ]
-    for i in range(cfg.depth):
-        ref, native = f"blocks/{i}", f"{p}{n.layer(i)}"
-        table += norm(f"{ref}/norm1", f"{native}.layernorm_before")
-        for name in ("query", "key", "value"):
-            table += dense(f"{ref}/attn/{name}", f"{native}.{getattr(n, name)}", bias=cfg.qkv_bias)
-        table += dense(f"{ref}/attn/out", f"{native}.{n.out}")
-        table += norm(f"{ref}/norm2", f"{native}.layernorm_after")
-        table += dense(f"{ref}/mlp/fc1", f"{native}.{n.fc1}")
-        table += dense(f"{ref}/mlp/fc2", f"{native}.{n.fc2}")
-    table += norm("norm", f"{p}layernorm")
+    table += encoder_rules(cfg, p, n)
+    table += norm_rules("norm", f"{p}layernorm", cfg)
     if cfg.representation_size:
-        table += dense("pre_logits", f"{p}pooler.dense")
+        table += dense_rules("pre_logits", f"{p}pooler.dense", cfg)
     if cfg.num_classes:
-        table += dense("head", "classifier")
+        table += dense_rules("head", "classifier", cfg)
     return table
 
 
@@ -125,18 +107,16 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
     pooled = cfg.pool == "token" or all_tokens_out  # ViTModel's last_hidden_state is pool 'none'
     checks = [
         (pooled, f"the classifier and pooler read the class token (config: pool={cfg.pool!r})"),
-        (cfg.class_token, "ViTModel always has a class token"),
         (cfg.num_registers == 0, f"no register tokens (config has {cfg.num_registers})"),
         (cfg.posemb == "learned", f"the position embedding is always learned (config: {cfg.posemb!r})"),
         (cfg.posemb_on_cls, "the position embedding always covers the class token"),
-        (not cfg.qk_norm, "no qk-norm"),
         (cfg.layer_scale is None, "no LayerScale"),
-        (not cfg.fc_norm, "no fc_norm (the encoder norm is before pooling)"),
-        (
-            not cfg.class_attention_depth,
-            f"no class-attention blocks (CaiT; config: class_attention_depth={cfg.class_attention_depth})",
-        ),
-        (not cfg.talking_heads, "no talking heads"),
+        *shared_checks(cfg, HIDDEN_ACT),
+        (cfg.class_token, "ViTModel always has a class token"),
+        (not cfg.distilled, "no distillation token (DeiT: the hf_deit layout)"),
+        (not cfg.pre_norm, "no LayerNorm before the blocks (pre_norm)"),
+        (cfg.patch_bias, "the patch embedding always has a bias (patch_bias)"),
+        (cfg.final_norm, "the encoder's final LayerNorm is always there (final_norm)"),
         (
             cfg.representation_size in (None, cfg.width),
             f"the pooler is width x width (config: representation_size={cfg.representation_size})",
@@ -168,47 +148,26 @@ HIDDEN_ACT = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as gelu_pytorch_tanh does).
 READ_HIDDEN_ACT = {act: form for form, act in HIDDEN_ACT.items()} | {"gelu_new": "tanh"}
 CLASSIFIER, BARE = "ViTForImageClassification", "ViTModel"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, unsharded
 
 
 def transformers_config(cfg: ViTConfig) -> dict:
     """The config.json that `ViTForImageClassification` (with a head) or `ViTModel` (without)
     `.from_pretrained(dir)` reads beside the weights: sizes, GELU form, eps, labels."""
-
-    def json_value(field):
-        value = getattr(cfg, field)
-        if field == "gelu":
-            return HIDDEN_ACT[value]
-        if isinstance(value, tuple):
-            return value[0] if value[0] == value[1] else list(value)
-        return value
-
-    labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
     return {
         "architectures": [CLASSIFIER if cfg.num_classes else BARE],
         "model_type": "vit",
-        **{key: json_value(field) for key, field in CONFIG_JSON_FIELDS},
+        **json_fields(cfg, CONFIG_JSON_FIELDS, HIDDEN_ACT),
         "hidden_dropout_prob": cfg.dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
         "pooler_output_size": cfg.width,
         "pooler_act": "tanh",
-        "id2label": labels,
-        "label2id": {name: int(i) for i, name in labels.items()},
+        **labels_json(cfg.num_classes),
     }
 
 
 def read_directory(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The weights of a transformers ViT directory, and the ViTConfig fields its config.json states."""
-    if not (path / CONFIG_FILE).is_file():
-        raise FormatError(f"{path}: a directory is read as a transformers ViT, but it has no {CONFIG_FILE}")
-    weights = next((path / name for name in WEIGHTS_FILES if (path / name).is_file()), None)
-    if weights is None:
-        raise FormatError(f"{path}: a transformers ViT directory without {' or '.join(WEIGHTS_FILES)}")
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path / CONFIG_FILE}: not JSON ({e})") from None
+    weights, config = read_config_json(path, "transformers ViT")
     return open_tensors(weights)[0], stated_fields(config, path / CONFIG_FILE)
 
 
@@ -217,23 +176,12 @@ def stated_fields(config: Any, where: Path | str) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("model_type") != "vit":
         kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise FormatError(f"{where}: model_type {kind!r}, not a transformers ViT ('vit')")
-    fields = {field: config[key] for key, field in CONFIG_JSON_FIELDS if key in config}
-    if "gelu" in fields:
-        form = READ_HIDDEN_ACT.get(fields["gelu"])
-        if form is None:
-            raise FormatError(f"{where}: hidden_act {fields['gelu']!r} is none of {list(READ_HIDDEN_ACT)}")
-        fields["gelu"] = form
-    for field in ("image_size", "patch_size"):
-        if field in fields:
-            value = fields[field]
-            fields[field] = (value, value) if isinstance(value, int) else tuple(value)
+    fields = read_fields(config, where, CONFIG_JSON_FIELDS, READ_HIDDEN_ACT)
     architectures = config.get("architectures") or []
     if BARE in architectures:
         fields["num_classes"] = 0
     elif CLASSIFIER in architectures:
-        fields["num_classes"] = (
-            len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
-        )
+        fields["num_classes"] = num_labels(config)
     return fields
 
 

@@ -56,6 +56,14 @@ class Facts(NamedTuple):
     talking_heads: bool = False
     class_attention_depth: int = 0
     class_attention_mlp_dim: int | None = None  # None: no class-attention blocks
+    # The ViT families' parts (timm's norm_pre, CLIP's bias-free patch embedding, DeiT's distillation
+    # token and head, ...), where a layout's names show them; a plain ViT's defaults.
+    pre_norm: bool = False
+    patch_bias: bool = True
+    final_norm: bool = True
+    proj_bias: bool = True
+    distilled: bool = False
+    attention_dim: int | None = None  # None: the width
 
 
 class Convention(NamedTuple):
@@ -164,15 +172,35 @@ def _pool(facts: Facts, given: Told, notes: list[Note]) -> str:
     return pool
 
 
+def _pool_include_prefix(facts: Facts, pool: str, given: Told, notes: list[Note]) -> bool:
+    """Whether the pool reduces the prefix tokens too: no file shows it; only a pool over tokens
+    beside prefix tokens makes it matter."""
+    told = told_value("pool_include_prefix", given, notes)
+    if told is not None:
+        return told
+    prefix = int(facts.class_token) + int(facts.distilled) + facts.num_registers
+    if pool in ("gap", "max", "avgmax", "sum", "map") and prefix and not facts.class_attention_depth:
+        why = "not stored; the pool reads the patch tokens only unless told (timm's default)"
+        settle = flag_text("pool_include_prefix", False)
+        notes.append(Note("pool_include_prefix", "pool_include_prefix False", why, settle))
+    return False
+
+
 def config_from_facts(facts: Facts, conv: Convention, given: Told) -> tuple[ViTConfig, list[Note]]:
     """The config, and a note on every value not read from the names and shapes.
 
     `given`: the flags and stored config by keyword (vitspec.formats.flags.given_values)."""
     _check_shown_by_names(facts, given)
+    if "patch_size" in given and given["patch_size"].value != tuple(facts.patch_size):
+        raise FormatError(
+            f"inconsistent flags: {given['patch_size'].source}, but the checkpoint's patch embedding "
+            f"has {facts.patch_size[0]}x{facts.patch_size[1]} patches"
+        )
     notes: list[Note] = []
     heads = _heads(facts, given, conv.ecosystem, notes)
     posemb = _posemb(facts, conv, given, notes)
     pool = _pool(facts, given, notes)
+    include_prefix = _pool_include_prefix(facts, pool, given, notes)
     grid, on_cls = source_grid(facts, conv, given, notes)
     numerics = {}
     for field in ("gelu", "ln_eps"):
@@ -208,7 +236,8 @@ def config_from_facts(facts: Facts, conv: Convention, given: Told) -> tuple[ViTC
             pool=pool,
             class_token=facts.class_token,
             posemb=posemb,
-            posemb_on_cls=on_cls and posemb != "sincos2d",  # sincos2d is defined on the patch grid only
+            # the 2-D tables are defined on the patch grid only
+            posemb_on_cls=on_cls and posemb not in ("sincos2d", "sinusoidal_2d"),
             fc_norm=facts.fc_norm,
             representation_size=facts.representation_size,
             qkv_bias=facts.qkv_bias,
@@ -218,6 +247,13 @@ def config_from_facts(facts: Facts, conv: Convention, given: Told) -> tuple[ViTC
             talking_heads=facts.talking_heads,
             class_attention_depth=facts.class_attention_depth,
             class_attention_mlp_dim=facts.class_attention_mlp_dim,
+            pre_norm=facts.pre_norm,
+            patch_bias=facts.patch_bias,
+            final_norm=facts.final_norm,
+            proj_bias=facts.proj_bias,
+            distilled=facts.distilled,
+            pool_include_prefix=include_prefix,
+            attention_dim=facts.attention_dim,
             **numerics,
         )
     except ValueError as e:

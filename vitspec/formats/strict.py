@@ -72,6 +72,11 @@ def _listed(names: list[str]) -> str:
 
 def settled_by_format(layout: Format, cfg: ViTConfig, note: Note) -> Note:
     """`note`, settled if its value is the only one the format expresses for this checkpoint."""
+    if note.keyword == "pool_include_prefix" and note.settle is not None:
+        if layout.cannot_express(cfg.replace(pool_include_prefix=not cfg.pool_include_prefix)):
+            reading = f"pool_include_prefix {cfg.pool_include_prefix}"
+            return Note(note.keyword, reading, f"the only one a {layout.name} model has")
+        return note
     if note.keyword != "pool" or note.settle is None:
         return note
     for pool in POOLS:

@@ -3,15 +3,27 @@
 ViT names follow timm/models/vision_transformer.py: fused `attn.qkv` [3D, D] (rows: q, k, v, each
 W.T), `attn.proj`, `ls1.gamma`, `attn_pool` (AttentionPoolLatent: `latent`, `q`, fused `kv`),
 tokens with a leading batch axis. `pre_logits.fc` is the representation layer of timm releases
-that had one. Every ViTConfig without class attention is expressible but talking heads (timm's ViT
-has none; a sincos2d posemb is no parameter; the file cannot tell it from `posemb='none'`, so
-reading it back needs `--posemb sincos2d`).
+that had one. The families' parts: `norm_pre` (pre_norm), no `patch_embed.proj.bias`
+(patch_bias=False), no `norm` (final_norm=False), no `attn.proj.bias` and `mlp.fc1/fc2.bias`
+(proj_bias=False: timm's `proj_bias` drops all three), and DeiT's `dist_token` (after the class
+token, with a pos_embed row) and `head_dist` (timm.models.deit.VisionTransformerDistilled). A fixed
+posemb (sincos2d, sinusoidal_1d/2d) is no parameter: the file cannot tell it from `posemb='none'`,
+so reading it back needs `--posemb`.
+
+What timm's classes cannot build is refused (`_cannot_express`, every reason at once): talking
+heads outside CaiT, attention_dim != width (VisionTransformer passes no head width to its
+Attention), a patch bias not tied to pre_norm (timm's PatchEmbed has a bias exactly without
+norm_pre), pool "sum", and DeiT's distillation token with registers or without a learned posemb on
+all tokens. The torch backend's modules run all of these but talking heads outside CaiT, under the
+same names: `state_dict_table` is its table.
 
 A config with class-attention blocks is timm/models/cait.py's `Cait`, recognised by
 `blocks_token_only.`: the same stem and fused qkv over the patches only, talking heads as
 `attn.proj_l` / `attn.proj_w` (Linear(H, H) on a trailing head axis: weight = kernel.T),
 LayerScale as `gamma_1` / `gamma_2`, and class-attention blocks with separate `attn.q/k/v`.
-Without talking heads or LayerScale their rows are absent (timm's Cait always has both).
+Without talking heads or LayerScale their rows are absent (timm's Cait always has both). timm's Cait
+has none of the families' parts (nor attention_dim != width): the format refuses them; the torch
+backend names them as in the ViT.
 """
 
 from __future__ import annotations
@@ -23,7 +35,10 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats.base import Format, count_blocks, optional_dim, require
 from vitspec.formats.inference import Convention, Facts
-from vitspec.formats.table import Layout, Rule, rule, token_rule
+from vitspec.formats.table import Layout, Rule, refuse, rule, token_rule
+from vitspec.formats.timm_construction import timm_construction, timm_kwargs
+
+__all__ = ["FORMAT", "NAME", "state_dict_table", "timm_construction", "timm_kwargs"]
 
 NAME = "torch"
 CLASS_BLOCKS = "blocks_token_only"
@@ -53,13 +68,22 @@ class _Rows:
         return rows
 
     def stem(self) -> list[Rule]:
-        return [
-            self.row("patch_embed/kernel", "patch_embed.proj.weight", Layout.CONV),
-            self.row("patch_embed/bias", "patch_embed.proj.bias"),
-        ]
+        rows = [self.row("patch_embed/kernel", "patch_embed.proj.weight", Layout.CONV)]
+        return rows + [self.row("patch_embed/bias", "patch_embed.proj.bias")] if self.cfg.patch_bias else rows
 
-    def mlp(self, ref, native) -> list[Rule]:
-        return self.dense(f"{ref}/fc1", f"{native}.fc1") + self.dense(f"{ref}/fc2", f"{native}.fc2")
+    def mlp(self, ref, native, bias=True) -> list[Rule]:
+        return self.dense(f"{ref}/fc1", f"{native}.fc1", bias) + self.dense(
+            f"{ref}/fc2", f"{native}.fc2", bias
+        )
+
+    def block_mlp(self, ref, native) -> list[Rule]:  # a block's: its biases are proj_bias's, as timm's
+        return self.mlp(f"{ref}/mlp", f"{native}.mlp", self.cfg.proj_bias)
+
+    def proj(self, ref, native) -> list[Rule]:
+        return self.dense(f"{ref}/attn/out", f"{native}.attn.proj", self.cfg.proj_bias)
+
+    def pre_norm(self) -> list[Rule]:
+        return self.norm("pre_norm", "norm_pre") if self.cfg.pre_norm else []
 
 
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
@@ -71,10 +95,13 @@ def _vit_table(cfg: ViTConfig) -> list[Rule]:
     table = t.stem()
     if cfg.class_token:
         table.append(token_rule("cls_token", "cls_token", cfg))
+    if cfg.distilled:
+        table.append(token_rule("dist_token", "dist_token", cfg))
     if cfg.num_registers:
         table.append(token_rule("reg_tokens", "reg_token", cfg))
     if cfg.posemb == "learned":
         table.append(token_rule("pos_embed", "pos_embed", cfg))
+    table += t.pre_norm()
     for i in range(cfg.depth):
         ref, native = f"blocks/{i}", f"blocks.{i}"
         table += t.norm(f"{ref}/norm1", f"{native}.norm1")
@@ -82,14 +109,14 @@ def _vit_table(cfg: ViTConfig) -> list[Rule]:
         if cfg.qk_norm:
             table += t.norm(f"{ref}/attn/q_norm", f"{native}.attn.q_norm")
             table += t.norm(f"{ref}/attn/k_norm", f"{native}.attn.k_norm")
-        table += t.dense(f"{ref}/attn/out", f"{native}.attn.proj")
+        table += t.proj(ref, native)
         if cfg.layer_scale is not None:
             table.append(t.row(f"{ref}/ls1/scale", f"{native}.ls1.gamma"))
         table += t.norm(f"{ref}/norm2", f"{native}.norm2")
-        table += t.mlp(f"{ref}/mlp", f"{native}.mlp")
+        table += t.block_mlp(ref, native)
         if cfg.layer_scale is not None:
             table.append(t.row(f"{ref}/ls2/scale", f"{native}.ls2.gamma"))
-    if not cfg.fc_norm:
+    if cfg.final_norm and not cfg.fc_norm:
         table += t.norm("norm", "norm")
     if cfg.pool == "map":
         table.append(token_rule("map_head/probe", "attn_pool.latent", cfg))
@@ -104,6 +131,8 @@ def _vit_table(cfg: ViTConfig) -> list[Rule]:
         table += t.dense("pre_logits", "pre_logits.fc")
     if cfg.num_classes:
         table += t.dense("head", "head")
+        if cfg.distilled:
+            table += t.dense("head_dist", "head_dist")
     return table
 
 
@@ -112,6 +141,7 @@ def _cait_table(cfg: ViTConfig) -> list[Rule]:
     table = t.stem() + [token_rule("cls_token", "cls_token", cfg)]
     if cfg.posemb == "learned":
         table.append(token_rule("pos_embed", "pos_embed", cfg))
+    table += t.pre_norm()
 
     def gammas(ref, native):
         if cfg.layer_scale is None:
@@ -125,30 +155,97 @@ def _cait_table(cfg: ViTConfig) -> list[Rule]:
         ref, native = f"blocks/{i}", f"blocks.{i}"
         table += t.norm(f"{ref}/norm1", f"{native}.norm1")
         table += t.fused(f"{ref}/attn", ("query", "key", "value"), f"{native}.attn.qkv", bias=cfg.qkv_bias)
-        table += t.dense(f"{ref}/attn/out", f"{native}.attn.proj")
+        table += t.proj(ref, native)
         if cfg.talking_heads:
             table += t.dense(f"{ref}/attn/talk_logits", f"{native}.attn.proj_l")
             table += t.dense(f"{ref}/attn/talk_weights", f"{native}.attn.proj_w")
         table += gammas(ref, native)
-        table += t.norm(f"{ref}/norm2", f"{native}.norm2") + t.mlp(f"{ref}/mlp", f"{native}.mlp")
+        table += t.norm(f"{ref}/norm2", f"{native}.norm2") + t.block_mlp(ref, native)
     for j in range(cfg.class_attention_depth):
         ref, native = f"class_blocks/{j}", f"{CLASS_BLOCKS}.{j}"
         table += t.norm(f"{ref}/norm1", f"{native}.norm1")
         for part, short in (("query", "q"), ("key", "k"), ("value", "v")):
             table += t.dense(f"{ref}/attn/{part}", f"{native}.attn.{short}", bias=cfg.qkv_bias)
-        table += t.dense(f"{ref}/attn/out", f"{native}.attn.proj")
+        table += t.proj(ref, native)
         table += gammas(ref, native)
-        table += t.norm(f"{ref}/norm2", f"{native}.norm2") + t.mlp(f"{ref}/mlp", f"{native}.mlp")
-    table += t.norm("norm", "norm")
+        table += t.norm(f"{ref}/norm2", f"{native}.norm2") + t.block_mlp(ref, native)
+    if cfg.final_norm:
+        table += t.norm("norm", "norm")
     if cfg.num_classes:
         table += t.dense("head", "head")
     return table
 
 
-def _cannot_express(cfg: ViTConfig) -> list[str]:
+def _no_names(cfg: ViTConfig) -> list[str]:
+    """Where the table has no names (and the torch backend no module)."""
     if cfg.talking_heads and not cfg.class_attention_depth:
         return ["talking heads outside CaiT: timm's VisionTransformer has none (class_attention_depth=0)"]
     return []
+
+
+def _cannot_express(cfg: ViTConfig) -> list[str]:
+    """Every reason timm's classes cannot build `cfg` (the torch backend's modules may still run it)."""
+    reasons = _no_names(cfg)
+    if cfg.attention_dim != cfg.width:
+        reasons.append(
+            f"attention_dim={cfg.attention_dim} != width={cfg.width}: timm's VisionTransformer and Cait "
+            "build their attention at embed_dim (VisionTransformer passes no attn_head_dim to its Attention)"
+        )
+    if cfg.class_attention_depth:
+        return reasons + _cait_lacks(cfg)
+    if cfg.patch_bias == cfg.pre_norm:
+        reasons.append(
+            f"patch_bias={cfg.patch_bias} with pre_norm={cfg.pre_norm}: timm's VisionTransformer gives the "
+            "patch embedding a bias exactly when it has no norm_pre"
+        )
+    if cfg.pool == "sum":
+        reasons.append("pool='sum': timm's global_pool has none ('avg', 'max', 'avgmax', 'token', 'map', '')")
+    if cfg.posemb == "sinusoidal_1d" and cfg.num_prefix_tokens and not cfg.posemb_on_cls:
+        reasons.append(
+            "posemb='sinusoidal_1d' on the patches only (posemb_on_cls=False) beside class/distillation/"
+            "register tokens: no parameter shows it, and a timm file reads as rows on every token"
+        )
+    return reasons + (_distilled_lacks(cfg) if cfg.distilled else [])
+
+
+def _distilled_lacks(cfg: ViTConfig) -> list[str]:
+    deit = "timm's VisionTransformerDistilled"
+    problems = (
+        (
+            f"distilled with num_registers={cfg.num_registers}: {deit} has no register tokens",
+            cfg.num_registers,
+        ),
+        (
+            f"distilled with posemb={cfg.posemb!r}: {deit} always has a learned pos_embed",
+            cfg.posemb != "learned",
+        ),
+        (
+            f"distilled with posemb_on_cls=False: {deit}'s pos_embed always has rows for the class and "
+            "distillation tokens",
+            not cfg.posemb_on_cls,
+        ),
+    )
+    return [text for text, bad in problems if bad]
+
+
+def _cait_lacks(cfg: ViTConfig) -> list[str]:
+    problems = (
+        ("pre_norm=True: timm's Cait has no norm_pre", cfg.pre_norm),
+        ("patch_bias=False: timm's Cait always has a patch bias", not cfg.patch_bias),
+        ("final_norm=False: timm's Cait always has its final norm", not cfg.final_norm),
+        (
+            "proj_bias=False: timm's Cait always has the attention projection's and MLP's biases",
+            not cfg.proj_bias,
+        ),
+    )
+    return [text for text, bad in problems if bad]
+
+
+def state_dict_table(cfg: ViTConfig) -> list[Rule]:
+    """The torch backend's state-dict table: timm's names, also for the configs timm's classes cannot
+    build (attention_dim != width, pool 'sum', ...); refused only where it has no names."""
+    refuse(NAME, _no_names(cfg))
+    return _table(cfg)
 
 
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
@@ -164,6 +261,11 @@ def _facts(native: Mapping[str, np.ndarray]) -> Facts:
         class_token="cls_token" in native,
         posemb_rows=optional_dim(native, "pos_embed", 1),
         qkv_bias="blocks.0.attn.qkv.bias" in native,
+        attention_dim=int(require(native, "blocks.0.attn.qkv.weight", fmt).shape[0]) // 3,
+        pre_norm="norm_pre.weight" in native,
+        patch_bias="patch_embed.proj.bias" in native,
+        final_norm="norm.weight" in native or "fc_norm.weight" in native,
+        proj_bias="blocks.0.attn.proj.bias" in native,
     )
     if not any(k.startswith(f"{CLASS_BLOCKS}.") for k in native):
         return Facts(
@@ -175,6 +277,7 @@ def _facts(native: Mapping[str, np.ndarray]) -> Facts:
             fc_norm="fc_norm.weight" in native,
             map_head="attn_pool.latent" in native,
             heads=None,
+            distilled="dist_token" in native,
         )
     first = f"{CLASS_BLOCKS}.0"
     # Cait's parts a ViT has (registers, qk-norm, fc_norm, an attention pool, pre-logits) it has not:
@@ -203,63 +306,3 @@ FORMAT = Format(
     read_facts=_facts,
     suffixes=(".pt", ".pth", ".bin", ".safetensors"),
 )
-
-
-def timm_kwargs(cfg: ViTConfig) -> dict:
-    """The arguments of timm's `VisionTransformer` (timm.models.vision_transformer), or for a config
-    with class attention its `Cait` (timm.models.cait), whose state dict is this config's table, but
-    for the layers timm takes as classes (`timm_construction` spells them out): the LayerNorm eps,
-    the GELU form, and a Cait's `attn_block` where it has no talking heads. A sincos2d embedding
-    has no timm argument: timm's model computes without it."""
-    shared = {
-        "img_size": cfg.image_size,
-        "patch_size": cfg.patch_size,
-        "in_chans": cfg.in_channels,
-        "num_classes": cfg.num_classes,
-        "embed_dim": cfg.width,
-        "depth": cfg.depth,
-        "num_heads": cfg.num_heads,
-        "mlp_ratio": cfg.mlp_dim / cfg.width,
-        "qkv_bias": cfg.qkv_bias,
-    }
-    if cfg.class_attention_depth:
-        return shared | {
-            "init_values": cfg.layer_scale,
-            "depth_token_only": cfg.class_attention_depth,
-            "mlp_ratio_token_only": cfg.class_attention_mlp_dim / cfg.width,
-        }
-    return shared | {
-        "qk_norm": cfg.qk_norm,
-        "init_values": cfg.layer_scale,
-        "class_token": cfg.class_token,
-        "reg_tokens": cfg.num_registers,
-        "global_pool": {"token": "token", "gap": "avg", "map": "map", "none": ""}[cfg.pool],
-        "no_embed_class": not cfg.posemb_on_cls,
-        "fc_norm": cfg.fc_norm,
-        "pos_embed": "learn" if cfg.posemb == "learned" else "none",
-    }
-
-
-def timm_construction(cfg: ViTConfig) -> str:
-    """Python that builds the timm model this config's file loads into with load_state_dict(strict=True),
-    and for a Cait what timm's always has that this file lacks."""
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(cfg).items())
-    gelu = "none" if cfg.gelu == "exact" else "tanh"
-    layers = (
-        f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.ln_eps!r}), "
-        f"act_layer=functools.partial(torch.nn.GELU, approximate={gelu!r})"
-    )
-    if not cfg.class_attention_depth:
-        return f"timm.models.vision_transformer.VisionTransformer({kwargs}, {layers})"
-    if not cfg.talking_heads:
-        layers += ", attn_block=timm.layers.Attention"
-    lacks = [
-        part
-        for part, absent in (
-            ("LayerScale (gamma_1, gamma_2)", cfg.layer_scale is None),
-            (f"a learned pos_embed (this config's posemb is {cfg.posemb!r})", cfg.posemb != "learned"),
-        )
-        if absent
-    ]
-    caveat = f" (but timm's Cait always has {' and '.join(lacks)}: strict loading fails)" if lacks else ""
-    return f"timm.models.cait.Cait({kwargs}, {layers}){caveat}"

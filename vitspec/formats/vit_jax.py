@@ -68,6 +68,20 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
             f"no class-attention blocks (CaiT; config: class_attention_depth={cfg.class_attention_depth})",
         ),
         (not cfg.talking_heads, "no talking heads"),
+        (not cfg.pre_norm, "no LayerNorm before the blocks (config: pre_norm=True)"),
+        (cfg.patch_bias, "the patch embedding always has a bias (config: patch_bias=False)"),
+        (cfg.final_norm, "always an encoder_norm (config: final_norm=False)"),
+        (cfg.proj_bias, "attention output and MLP layers always have biases (config: proj_bias=False)"),
+        (not cfg.distilled, "no distillation token (config: distilled=True)"),
+        (
+            cfg.attention_dim == cfg.width,
+            f"attention as wide as the model (config: attention_dim={cfg.attention_dim})",
+        ),
+        (cfg.pool not in ("max", "avgmax", "sum"), f"classifier token or gap (config: pool={cfg.pool!r})"),
+        (
+            not (cfg.pool_include_prefix and cfg.num_prefix_tokens),
+            "gap pools the patches only (config: pool_include_prefix=True)",
+        ),
     ]
     return [reason for ok, reason in checks if not ok]
 

@@ -3,12 +3,15 @@
 A backend (PyTorch or Flax) implements one optimizer step on a uint8 batch, logits for
 evaluation, and its state as NumPy trees under reference names; everything that decides the
 trajectory (batches, learning rate of every step, what a checkpoint holds) is the library's.
+A backend's module also says where it computes (`topology()`: its processes and devices), which
+data parallelism needs: each process is fed its rows of every global batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,11 +28,13 @@ class Backend(Protocol):
     them; the backend normalizes them on its device by looking them up in `normalization_table`."""
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[Any, Any]:
-        """One recipe update at learning rate `lr`: (mean loss, number of correct top-1
-        predictions), each anything `float()` accepts (device scalars are read lazily)."""
+        """One recipe update at learning rate `lr` on this process's rows of the global batch (all of
+        it in one process): (mean loss, number of correct top-1 predictions) over the global batch,
+        each anything `float()` accepts (device scalars are read lazily)."""
 
     def eval_logits(self, images: np.ndarray) -> np.ndarray:
-        """Eval-mode logits [N, K] as float32 NumPy."""
+        """Eval-mode logits [N, K] as float32 NumPy; every process passes the same images and gets
+        all the logits (the work is split over the devices)."""
 
     def reference_params(self) -> dict[str, np.ndarray]:
         """The parameters as a reference tree (vitspec names and layouts)."""
@@ -39,6 +44,26 @@ class Backend(Protocol):
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what `optimizer_state` returned."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Where a run computes: this process among the run's processes, and all their devices. Every
+    process runs the same loop on the same numbers; process 0 alone writes files and prints."""
+
+    process_index: int = 0
+    process_count: int = 1
+    device_count: int = 1  # over all processes: the global batch is split over them
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def writer(self) -> bool:
+        return self.process_index == 0
+
+
+def topology(name: str) -> Topology:
+    """The processes and devices backend `name` trains on (joining the other processes, if launched so)."""
+    return Topology(*backend_module(name).topology())
 
 
 # The backends: the module of each framework's training step and its Backend class, which is

@@ -1,7 +1,9 @@
 """The training command: `vitspec train --backend torch|flax`, `python -m backends.<torch|flax>_vit.train`.
 
 A thin layer: the flags are `TrainConfig`'s fields (name, default, help, group), plus where the
-run lives; it builds the config and calls `train_and_evaluate`.
+run lives; it builds the config and calls `train_and_evaluate`. Under `torchrun` (or JAX's several
+processes) every process runs this command; an error is printed by process 0 alone, and every
+process exits with status 2.
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from vitspec.app.training.backend import BACKENDS
+from vitspec.app.training.backend import BACKENDS, topology
 from vitspec.app.training.config import TrainConfig, flag
 from vitspec.app.training.loop import train_and_evaluate
 
 GROUPS = ("data", "model", "recipe", "run")
+ERROR_GRACE_SECONDS = 10.0
 
 
 def _json_object(text: str) -> dict:
@@ -96,11 +101,27 @@ def main(
     parser = build_parser(prog, backend)
     args = parser.parse_args(argv)
     backend = backend or args.backend
-    config = config_of(args)  # a bad value is a ValueError naming its flag: `vitspec.app.cli.run` reports it
-    return train_and_evaluate(
-        config,
-        args.workdir or default_workdir(config, backend),
-        backend,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
+    where = topology(backend)  # joins the run's other processes when launched as several
+    try:
+        # A bad value is a ValueError naming its flag: `vitspec.app.cli.run` reports it.
+        config = config_of(args)
+        return train_and_evaluate(
+            config,
+            args.workdir or default_workdir(config, backend),
+            backend,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError):
+        if where.writer:
+            raise
+        leave_the_error_to_process_0()
+
+
+def leave_the_error_to_process_0() -> NoReturn:
+    """Every process meets the same user error; process 0 says it once. The others exit with status 2
+    after a grace period, quietly even when a launcher (torchrun) stops them first when process 0 exits:
+    had they exited first, torchrun could stop process 0 before its message is out."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(ERROR_GRACE_SECONDS)
+    raise SystemExit(2)

@@ -16,7 +16,7 @@ from vitspec.variants import PRESETS
 
 # The command line says fashion-mnist (the dataset's own spelling); vitspec.app.datasets says fashion_mnist.
 DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion-mnist": "fashion_mnist"}
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 
 
 def _field(default: Any, help: str, group: str, trajectory: bool = False, **argparse: Any) -> Any:
@@ -77,7 +77,8 @@ class TrainConfig:
     seed: int = _field(0, "init, data order, augmentation, dropout", "recipe", True)
     precision: str | None = _field(
         None,
-        "fp32 or bf16 (default: bf16 on a GPU, fp32 on the CPU)",
+        "fp32, bf16 or fp64 (default: bf16 on a GPU, fp32 on the CPU); fp64 is the verification mode: "
+        "float64 throughout, where runs on any number of devices or in either framework agree to rounding",
         "run",
         True,
         choices=list(PRECISIONS),

@@ -6,8 +6,9 @@ is refused by the reader, naming the value. The rest of its architecture must be
 every field that differs is listed and the run refused, as big_vision's `merge_params` refuses
 missing and unexpected keys. Two differences are what fine-tuning is for and are bridged: another
 class count (the head starts at zero, as big_vision's fine-tuning does) and another image size
-(the learned position embedding is resampled, vitspec.posemb). Where the model's GELU form or eps
-differs from the source format's convention, a warning says so.
+(the learned position embedding is resampled as the source format's ecosystem resamples it:
+vitspec.app.resampling). Where the model's GELU form or eps differs from the source format's
+convention, a warning says so.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitspec.app.resampling import CHOICES as RESAMPLE_CHOICES
+from vitspec.app.resampling import SOURCE_METHOD, resample_method
 from vitspec.config import ViTConfig
 from vitspec.formats import EXTERNAL, load_with_notes
 from vitspec.posemb import resample_model
@@ -29,8 +32,11 @@ ARCHITECTURE = (
 )  # fmt: skip
 
 
-def fine_tuning_start(cfg: ViTConfig, path: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(float32 reference params for `cfg`, notes on what was loaded, resampled and re-initialized)."""
+def fine_tuning_start(
+    cfg: ViTConfig, path: str | Path, resample: str | None = None
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(float32 reference params for `cfg`, notes on what was loaded, resampled and re-initialized).
+    `resample` (vitspec.posemb's methods) overrides the source format's own resampling."""
     model_values = dict(
         heads=cfg.num_heads, gelu=cfg.gelu, ln_eps=cfg.ln_eps, posemb=cfg.posemb, pool=cfg.pool
     )
@@ -60,12 +66,8 @@ def fine_tuning_start(cfg: ViTConfig, path: str | Path) -> tuple[dict[str, np.nd
                     f"convention is {getattr(convention, field)!r} (--model-overrides to follow it)"
                 )
     if source.image_size != cfg.image_size:
-        old = source.grid_size
-        source, params = resample_model(source, params, cfg.image_size)
-        notes.append(
-            f"position embedding resampled {old[0]}x{old[1]} -> {source.grid_size[0]}x{source.grid_size[1]} "
-            f"patches ({cfg.image_size[0]}x{cfg.image_size[1]} images)"
-        )
+        source, params, note = _resampled(source, params, cfg.image_size, loaded.fmt, resample, path)
+        notes.append(note)
     if source.num_classes != cfg.num_classes:
         params = {k: v for k, v in params.items() if not k.startswith("head/")}
         if cfg.num_classes:
@@ -73,3 +75,27 @@ def fine_tuning_start(cfg: ViTConfig, path: str | Path) -> tuple[dict[str, np.nd
             params["head/bias"] = np.zeros((cfg.num_classes,))
         notes.append(f"head re-initialized at zero: {source.num_classes} -> {cfg.num_classes} classes")
     return {k: np.asarray(v, np.float32) for k, v in params.items()}, notes
+
+
+def _resampled(
+    source: ViTConfig, params: dict, image_size: tuple[int, int], fmt: str, resample: str | None, path
+) -> tuple[ViTConfig, dict, str]:
+    old = source.grid_size
+    if source.posemb != "learned":
+        source, params = resample_model(source, params, image_size)
+        return source, params, f"image size {image_size}: no learned position embedding to resample"
+    if resample is None and fmt not in SOURCE_METHOD:
+        raise ValueError(
+            f"--init {path}: a {fmt} checkpoint's ecosystem has no position-embedding resampling to follow; "
+            f"resample it with `vitspec convert --image-size {image_size[0]},{image_size[1]} --resample "
+            f"{'|'.join(RESAMPLE_CHOICES)}` and start from the result"
+        )
+    method, how = resample_method(fmt, resample)
+    source, params = resample_model(source, params, image_size, method)
+    new = source.grid_size
+    return (
+        source,
+        params,
+        f"position embedding resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} patches "
+        f"({image_size[0]}x{image_size[1]} images) {how}",
+    )

@@ -3,8 +3,12 @@
 NumPy only: the batches (seeded, uint8, identical for both backends), the learning rate of every
 step (computed on the host) and what a checkpoint holds are decided here and in `vitspec.recipe` /
 `vitspec.app.pipeline`, so the same config gives the same run in either framework, and a resumed
-run reaches exactly what the uninterrupted run reaches. Dropout randomness is a function of
-(seed, step) in each backend, so it needs no saved state.
+run reaches exactly what the uninterrupted run reaches. Dropout randomness is `vitspec.masks`: a
+function of (seed, step, global example), so it needs no saved state.
+
+Several devices (data parallelism): every process runs this loop on the same numbers, fed its
+rows of each global batch (the global batch and its order do not depend on the device count);
+process 0 alone prints and writes, and every process resumes from what it wrote.
 
 Workdir: config.json (model, recipe, settings), the `last` checkpoint (vitspec.app.training.state),
 best.safetensors (best validation accuracy so far), metrics.jsonl (a line per epoch), and after the
@@ -30,7 +34,7 @@ from vitspec.app.training.config import TrainConfig
 from vitspec.app.training.evaluation import evaluate
 from vitspec.app.training.progress import ProgressLine
 from vitspec.app.training.reports import describe, final_report
-from vitspec.app.training.setup import Run, setup, start
+from vitspec.app.training.setup import Run, say, setup, start
 from vitspec.app.training.state import (
     BEST,
     LAST_STATE_JSON,
@@ -58,7 +62,13 @@ def train_epoch_steps(
     epoch = state.loader.epoch
     config = run.config
     line = ProgressLine(
-        epoch, config.epochs, run.steps_per_epoch, stop_step, config.batch_size, config.progress_every
+        epoch,
+        config.epochs,
+        run.steps_per_epoch,
+        stop_step,
+        config.batch_size,
+        config.progress_every,
+        enabled=run.topology.writer,
     )
     pending: list[tuple[int, Any, Any, int]] = []  # (step, device scalars, images), read at each redraw
     last_checkpoint = time.perf_counter()
@@ -81,7 +91,7 @@ def train_epoch_steps(
     while state.step < stop_step and state.loader.epoch == epoch:
         batch = next(batches)
         loss, correct = backend.train_step(batch.images, batch.labels, learning_rate(state.step, run.recipe))
-        pending.append((state.step + 1, loss, correct, len(batch.labels)))
+        pending.append((state.step + 1, loss, correct, config.batch_size))  # the global batch's
         state.step, state.loader = state.step + 1, batch.next_state
         checkpoint_due = checkpoint and time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every
         # Reading the scalars waits for the device: only when something is drawn or saved, so an
@@ -123,7 +133,8 @@ def finish_epoch(run: Run, backend: Backend, state: RunState) -> dict[str, Any]:
         record |= {"val_loss": validation.loss, "val_accuracy": validation.top1}
         if state.best_accuracy is None or validation.top1 > state.best_accuracy:
             state.best_accuracy = validation.top1
-            vitspec.save(run.workdir / BEST, run.cfg, finite_params(run, backend, state))
+            if run.topology.writer:
+                vitspec.save(run.workdir / BEST, run.cfg, finite_params(run, backend, state))
             record["best"] = True
     state.history.append(record)
     state.progress = EpochProgress()
@@ -136,20 +147,27 @@ def train(run: Run, backend: Backend, state: RunState) -> RunState:
     if run.config.max_steps is not None:
         stop_step = min(stop_step, run.config.max_steps)
     train_set = run.dataset.train
+    where = run.topology
     stream = pipeline.train_batches(
-        train_set.images, train_set.labels, run.config.batch_size, state.loader, run.augmentation
+        train_set.images,
+        train_set.labels,
+        run.config.batch_size,
+        state.loader,
+        run.augmentation,
+        shard=(where.process_index, where.process_count),
     )
+    checkpoint = (lambda: save_last_of(run, backend, state)) if where.writer else None
     with pipeline.Prefetcher(stream) as batches:
         while state.step < stop_step:
             epoch = state.loader.epoch
-            train_epoch_steps(
-                run, backend, batches, state, stop_step, lambda: save_last_of(run, backend, state)
-            )
+            train_epoch_steps(run, backend, batches, state, stop_step, checkpoint)
             if state.loader.epoch != epoch:
                 record = finish_epoch(run, backend, state)
-                print(describe(record), flush=True)
-                write_metrics(run.workdir, state.history)
-            save_last_of(run, backend, state)
+                if where.writer:
+                    print(describe(record), flush=True)
+                    write_metrics(run.workdir, state.history)
+            if where.writer:
+                save_last_of(run, backend, state)
     return state
 
 
@@ -188,25 +206,32 @@ def train_and_evaluate(
     """
     started = time.perf_counter()
     run = setup(config, workdir, backend)
+    writer = run.topology.writer
     if not resume:
-        claim_workdir(run.workdir, overwrite)
+        claim_workdir(run.workdir, overwrite, remove=writer)  # every process refuses alike
     backend_state = start(run, resume)
-    write_json(
-        run.workdir / "config.json",
-        {
-            "backend": backend,
-            "model": json.loads(run.cfg.to_json()),
-            "recipe": dataclasses.asdict(run.recipe),
-            "augmentation": dataclasses.asdict(run.augmentation),
-            "settings": dataclasses.asdict(run.config),
-        },
-    )
-    print(
+    run.topology.barrier()  # the workdir claimed and read by all before process 0 writes in it
+    if writer:
+        write_json(
+            run.workdir / "config.json",
+            {
+                "backend": backend,
+                "model": json.loads(run.cfg.to_json()),
+                "recipe": dataclasses.asdict(run.recipe),
+                "augmentation": dataclasses.asdict(run.augmentation),
+                "settings": dataclasses.asdict(run.config),
+            },
+        )
+    devices = run.topology.device_count
+    say(
+        run,
         f"{backend}: {run.config.model} ({vitspec.num_params(run.cfg):,} params) on {run.config.dataset} "
         f"({len(run.dataset.train)} train / {len(run.dataset.validation)} val / "
         f"{len(run.dataset.test)} test), "
-        f"{run.steps_per_epoch} steps/epoch, {run.config.precision}, workdir {run.workdir}",
-        flush=True,
+        f"{run.steps_per_epoch} steps/epoch, {run.config.precision}"
+        + (f", {devices} devices" if devices > 1 else "")
+        + f", workdir {run.workdir}",
     )
     state = train(run, *backend_state)
+    run.topology.barrier()  # the best model written before every process reads it for the test
     return final_report(run, state, time.perf_counter() - started)

@@ -34,7 +34,10 @@ class ProgressLine:
         batch_size: int,
         log_every: float,
         stream=None,
+        enabled: bool = True,
     ):
+        """`enabled` False: draws nothing (the processes of a run other than the one that prints)."""
+        self.enabled = enabled
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
         self.total_steps, self.batch_size = total_steps, batch_size
         self.stream = stream or sys.stderr
@@ -48,7 +51,7 @@ class ProgressLine:
 
     def update(self, step_in_epoch: int, run_step: int, progress: EpochProgress, force: bool = False) -> None:
         """Draw (if due, or forced at the epoch's end) the line for `step_in_epoch` of this epoch."""
-        if not (force or self.due()):
+        if not self.enabled or not (force or self.due()):
             return
         self.last_draw = time.perf_counter()
         seen = max(progress.seen, 1)

@@ -100,7 +100,8 @@ def plot_confusion(plt, path: Path, confusion: np.ndarray, class_names: Sequence
 
 
 def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, Any]:
-    """Test-set evaluation of the best model (the last if none was validated); summary and plots."""
+    """Test-set evaluation of the best model (the last if none was validated), by every process; the
+    summary and plots written by process 0."""
     best_path = run.workdir / BEST if (run.workdir / BEST).is_file() else run.workdir / LAST
     _, params = vitspec.load(best_path)
     tester = run.create_backend(params)
@@ -121,6 +122,8 @@ def final_report(run: Run, state: RunState, wall_seconds: float) -> dict[str, An
         "train_images_per_second": float(np.median(rates)) if rates else None,
         "wall_seconds_this_invocation": wall_seconds,
     }
+    if not run.topology.writer:
+        return summary
     write_json(run.workdir / "summary.json", summary)
     plot_reports(run.workdir, state.history, test.confusion, run.dataset.class_names)
     top5 = f", top-5 {100 * test.top5:.2f}%" if test.top5 is not None else ""

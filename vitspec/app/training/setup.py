@@ -17,7 +17,14 @@ import numpy as np
 
 import vitspec
 from vitspec.app import augmentation, datasets, pipeline
-from vitspec.app.training.backend import Backend, create_backend, default_precision, normalization_table
+from vitspec.app.training.backend import (
+    Backend,
+    Topology,
+    create_backend,
+    default_precision,
+    normalization_table,
+    topology,
+)
 from vitspec.app.training.config import TrainConfig
 from vitspec.app.training.init import fine_tuning_start
 from vitspec.app.training.state import (
@@ -42,6 +49,7 @@ class Run:
     steps_per_epoch: int
     augmentation: pipeline.Augmentation
     normalization: np.ndarray
+    topology: Topology = dataclasses.field(default_factory=Topology)
 
     @functools.cached_property
     def data_identity(self) -> str:
@@ -102,7 +110,15 @@ def make_recipe(config: TrainConfig, steps_per_epoch: int) -> Recipe:
 
 
 def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
-    """Load the data, build the model config and recipe, resolve the precision for `backend`."""
+    """Join the run's other processes, load the data, build the model config and recipe, resolve the
+    precision for `backend`."""
+    where = topology(backend)  # first: JAX's processes must meet before JAX computes anything
+    if config.batch_size % where.device_count:
+        raise ValueError(
+            f"--batch-size {config.batch_size} does not split evenly over the {where.device_count} devices "
+            f"this run trains on: pass a multiple of {where.device_count} (every device takes an equal share "
+            "of each batch)"
+        )
     config = config.replace(precision=config.precision or default_precision(backend))
     dataset = datasets.load(
         config.dataset_name,
@@ -124,25 +140,32 @@ def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
         steps_per_epoch=steps_per_epoch,
         augmentation=augmentation.DEFAULT_AUGMENTATION[config.dataset_name],
         normalization=normalization_table(dataset.stats),
+        topology=where,
     )
 
 
 def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
     """A fresh backend at `init_params(cfg, seed)`, or the workdir's last checkpoint when resuming."""
     if resume:
-        params, optimizer, state = load_last(run.workdir, run.trajectory())
+        params, optimizer, state = load_last(run.workdir, run.trajectory(), tidy=run.topology.writer)
         backend = run.create_backend(params)
         backend.load_optimizer_state(optimizer)
-        print(
+        say(
+            run,
             f"resumed {run.workdir} at step {state.step}/{run.recipe.total_steps}: epoch "
             f"{state.loader.epoch + 1}/{run.config.epochs}, step {state.loader.step}/{run.steps_per_epoch} "
             "of it",
-            flush=True,
         )
         return backend, state
     if run.config.init is None:
         params = vitspec.init_params(run.cfg, run.config.seed)
     else:
         params, notes = fine_tuning_start(run.cfg, run.config.init)
-        print("\n".join(notes), flush=True)
+        say(run, "\n".join(notes))
     return run.create_backend(params), RunState.fresh(run.config.seed)
+
+
+def say(run: Run, text: str) -> None:
+    """Print `text` from the process that writes (one line per run, not one per process)."""
+    if run.topology.writer:
+        print(text, flush=True)

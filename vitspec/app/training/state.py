@@ -165,10 +165,11 @@ def fsync_directory(path: Path) -> None:
 
 
 def load_last(
-    workdir: Path, trajectory: dict[str, Any]
+    workdir: Path, trajectory: dict[str, Any], tidy: bool = True
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], RunState]:
     """(reference params, optimizer state, run state) of workdir's last checkpoint, checked whole and
-    against the trajectory settings it was written under."""
+    against the trajectory settings it was written under; with `tidy` (the writing process only),
+    finishes the publishing steps a kill interrupted."""
     state_path = workdir / LAST_STATE_JSON
     saved = read_manifest(workdir)
     if saved is None:
@@ -202,7 +203,7 @@ def load_last(
         best_accuracy=saved["best_accuracy"],
         progress=EpochProgress(**saved["progress"]),
     )
-    if "directory" in saved:
+    if tidy and "directory" in saved:
         tidy_last(workdir, model.parent)
     return params, optimizer, state
 
@@ -227,8 +228,9 @@ RUN_FILES = (
 )
 
 
-def claim_workdir(workdir: Path, overwrite: bool) -> None:
-    """A fresh run's workdir: refused if a run is already there, unless `overwrite` (which removes it).
+def claim_workdir(workdir: Path, overwrite: bool, remove: bool = True) -> None:
+    """A fresh run's workdir: refused if a run is already there, unless `overwrite` (which removes it;
+    only where `remove`: the writing process, the others just refuse alike).
 
     A run killed before its first checkpoint was published (config.json, a checkpoints/ directory and
     no manifest) holds nothing to lose, so it is not refused."""
@@ -238,6 +240,8 @@ def claim_workdir(workdir: Path, overwrite: bool) -> None:
             f"{workdir} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
             "--overwrite to replace it, or another --workdir"
         )
+    if not remove:
+        return
     for name in existing:
         path = workdir / name
         if path.is_dir() and not path.is_symlink():
