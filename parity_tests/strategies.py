@@ -104,21 +104,21 @@ def cait_configs(draw: st.DrawFn, *, max_depth: int = 2) -> ViTConfig:
 
 
 @st.composite
-def family_configs(draw: st.DrawFn, *, max_depth: int = 2) -> ViTConfig:
-    """`configs()` (a CaiT one time in four) with the ViT families' knobs drawn on top: quick GELU,
-    pre-norm, patch and projection biases, the final norm, attention_dim, Scenic's posembs, and for
-    a ViT the token pools with pool_include_prefix and DeiT's distillation token. A separate
-    strategy: the formats `configs()` feeds mostly lack these knobs."""
-    cait = draw(st.sampled_from([False, False, False, True]))
-    cfg = draw(cait_configs(max_depth=max_depth) if cait else configs(max_depth=max_depth))
+def family_configs(
+    draw: st.DrawFn, *, max_depth: int = 2, with_cait: bool = True, allow_none_pool: bool = True
+) -> ViTConfig:
+    """`configs()` (with_cait: a CaiT one time in four) with the ViT families' knobs drawn on top:
+    quick GELU, pre-norm, patch and projection biases, the final norm, attention_dim, Scenic's
+    posembs, and for a ViT the token pools with pool_include_prefix and DeiT's distillation token. A
+    separate strategy: the formats `configs()` feeds mostly lack these knobs."""
+    cait = with_cait and draw(st.sampled_from([False, False, False, True]))
+    vit = configs(max_depth=max_depth, allow_none_pool=allow_none_pool)
+    cfg = draw(cait_configs(max_depth=max_depth) if cait else vit)
     distilled = not cait and draw(st.booleans())
     pool = cfg.pool
     if not cait:
-        pool = (
-            "token"
-            if distilled
-            else draw(st.sampled_from(["token", "gap", "max", "avgmax", "sum", "map", "none"]))
-        )
+        pools = ["token", "gap", "max", "avgmax", "sum", "map"] + (["none"] if allow_none_pool else [])
+        pool = "token" if distilled else draw(st.sampled_from(pools))
     class_token = cfg.class_token or pool == "token"
     prefix = not cait and (class_token or distilled or cfg.num_registers)
     posemb = draw(st.sampled_from(["learned", "sincos2d", "sinusoidal_1d", "sinusoidal_2d", "none"]))

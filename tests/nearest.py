@@ -6,6 +6,17 @@ from __future__ import annotations
 from bench.peers import vit_flax
 from vitspec.config import ViTConfig
 
+# The knobs of later ViTs that the layouts of the original ViT and its ports lack.
+ORIGINAL_VIT = dict(
+    num_registers=0, posemb="learned", posemb_on_cls=True, qk_norm=False, layer_scale=None, fc_norm=False
+)
+
+
+def square(cfg: ViTConfig) -> dict:
+    """A square image of square patches, for the layouts that state each size as one int."""
+    patch = cfg.patch_size[0]
+    return dict(image_size=cfg.grid_size[0] * patch, patch_size=patch)
+
 
 def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
     """The nearest config the format can express: the knobs it lacks turned off."""
@@ -13,33 +24,26 @@ def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
         return NEAREST[fmt](cfg)
     if fmt in ("big_vision", "big_vision_scan"):
         return big_vision_expressible(cfg)
-    if fmt.startswith(
-        "hf_"
-    ):  # the transformers families (vitspec.formats.hf_deit, hf_clip, hf_siglip, hf_dinov2)
-        patch, grid = cfg.patch_size[0], cfg.grid_size[0]
-        plain = dict(
-            image_size=grid * patch,
-            patch_size=patch,
-            posemb="learned",
-            qk_norm=False,
-            fc_norm=False,
-            representation_size=None,
-            num_registers=0,
-            layer_scale=None,
-            qkv_bias=True,
-        )
+    # the transformers families (vitspec.formats.hf_deit, hf_clip, hf_siglip, hf_dinov2)
+    if fmt.startswith("hf_"):
+        plain = {**square(cfg), **ORIGINAL_VIT, "representation_size": None, "qkv_bias": True}
         family = {
-            "hf_deit": dict(pool="token", class_token=True, distilled=True, posemb_on_cls=True),
+            "hf_deit": dict(pool="token", class_token=True, distilled=True),
             # num_classes 0: a head is written as CLIP's bias-free projection only when its bias is zero
             "hf_clip": dict(
                 pool="token",
                 class_token=True,
-                posemb_on_cls=True,
                 pre_norm=True,
                 patch_bias=False,
                 num_classes=0,
             ),
-            "hf_siglip": dict(pool="map" if cfg.pool == "map" else "none", class_token=False, num_classes=0),
+            # no prefix tokens: posemb_on_cls as drawn, moot
+            "hf_siglip": dict(
+                pool="map" if cfg.pool == "map" else "none",
+                class_token=False,
+                num_classes=0,
+                posemb_on_cls=cfg.posemb_on_cls,
+            ),
             "hf_dinov2": dict(
                 pool="token",
                 class_token=True,
@@ -53,29 +57,11 @@ def expressible(fmt: str, cfg: ViTConfig) -> ViTConfig:
     if fmt == "vit_jax":
         pool = "token" if cfg.pool == "map" else cfg.pool
         class_token = pool == "token" or (pool == "none" and cfg.class_token)
-        return cfg.replace(
-            num_registers=0,
-            pool=pool,
-            class_token=class_token,
-            posemb="learned",
-            posemb_on_cls=True,
-            qkv_bias=True,
-            qk_norm=False,
-            layer_scale=None,
-            fc_norm=False,
-        )
+        return cfg.replace(**ORIGINAL_VIT, pool=pool, class_token=class_token, qkv_bias=True)
     if fmt in ("hf", "hf4"):
         pooler = cfg.representation_size is not None and cfg.num_classes == 0
         return cfg.replace(
-            pool="token",
-            class_token=True,
-            num_registers=0,
-            posemb="learned",
-            posemb_on_cls=True,
-            qk_norm=False,
-            layer_scale=None,
-            fc_norm=False,
-            representation_size=cfg.width if pooler else None,
+            **ORIGINAL_VIT, pool="token", class_token=True, representation_size=cfg.width if pooler else None
         )
     return cfg
 
@@ -136,16 +122,11 @@ def nearest_scenic(cfg: ViTConfig) -> ViTConfig:
 def nearest_vit_flax(cfg: ViTConfig) -> ViTConfig:
     pool = "token" if cfg.pool == "token" else "gap"
     return cfg.replace(
+        **{**ORIGINAL_VIT, "fc_norm": True},
         pool=pool,
         class_token=True,
         pool_include_prefix=pool == "gap",
-        num_registers=0,
-        posemb="learned",
-        posemb_on_cls=True,
-        fc_norm=True,
         qkv_bias=False,
-        qk_norm=False,
-        layer_scale=None,
         representation_size=None,
         attention_dim=vit_flax.ViT.dim_head * cfg.num_heads,
         num_classes=max(cfg.num_classes, 1),
@@ -153,26 +134,15 @@ def nearest_vit_flax(cfg: ViTConfig) -> ViTConfig:
 
 
 def nearest_tutorial(cfg: ViTConfig) -> ViTConfig:
-    patch = cfg.patch_size[0]
     return cfg.replace(
-        image_size=cfg.grid_size[0] * patch,
-        patch_size=patch,
+        **square(cfg),
+        **ORIGINAL_VIT,
         pool="token",
         class_token=True,
-        num_registers=0,
-        posemb="learned",
-        posemb_on_cls=True,
         final_norm=False,
-        fc_norm=False,
-        qk_norm=False,
-        layer_scale=None,
         representation_size=None,
         num_classes=max(cfg.num_classes, 1),
     )
-
-
-NEAREST = {"scenic": nearest_scenic, "vit_flax": nearest_vit_flax, "tutorial": nearest_tutorial}
-SUFFIX = {"scenic": ".npz", "vit_flax": ".msgpack", "tutorial": ".pt"}
 
 
 NEAREST = {"scenic": nearest_scenic, "vit_flax": nearest_vit_flax, "tutorial": nearest_tutorial}

@@ -16,9 +16,9 @@ import pytest
 from flax import serialization, traverse_util
 
 import vitspec
-from backends.flax_vit import VisionTransformer, from_reference
 from bench.peers.flax_published import BigVisionViT
 from parity_tests.strategies import random_images, random_params
+from tests.backend_outputs import three_outputs
 from vitspec.formats import FormatError, load_any, load_with_notes, save_any
 from vitspec.formats.flax_trees import unstacked
 
@@ -113,10 +113,8 @@ def test_siglip_image_tower_reads_and_computes_what_big_vision_does(tmp_path, sc
         assert f"{SIGLIP.depth} blocks" in notes["scan"]
 
     expected = tower.apply({"params": traverse_util.unflatten_dict(native, sep="/")}, images)
-    reference = vitspec.forward(loaded.cfg, loaded.params, images)
-    assert relative_error(reference, expected) < F64_BOUND
-    backend = VisionTransformer(SIGLIP, dtype=np.float64, param_dtype=np.float64)
-    assert relative_error(backend.apply(from_reference(loaded.params, SIGLIP), images), expected) < F64_BOUND
+    for who, got in three_outputs(loaded.cfg, loaded.params, images).items():
+        assert relative_error(got, expected) < F64_BOUND, who
 
 
 @pytest.mark.parametrize("fmt, scan", [("big_vision", False), ("big_vision_scan", True)])

@@ -23,6 +23,7 @@ from flax import serialization, traverse_util
 
 import vitspec
 from bench.peers import scenic_vit, tutorial_vit, vit_flax
+from tests.backend_outputs import three_outputs
 from vitspec.app import cli
 from vitspec.formats import FormatError, load_any, load_with_notes, save_any
 
@@ -87,6 +88,15 @@ def assert_same_tree(written: dict[str, np.ndarray], original: dict[str, np.ndar
         np.testing.assert_array_equal(written[name], value, err_msg=name)
 
 
+def assert_written_back_as_theirs(back, fmt: str, cfg, ours, module, params, logits) -> None:
+    """The reference tree written back to `back` in `fmt` is the library's tree bit for bit, on which
+    its module gives its logits exactly."""
+    save_any(back, fmt, cfg, ours)
+    written = load_flax(back)
+    assert_same_tree(written, params)
+    np.testing.assert_array_equal(flax_logits(module, written, IMAGES), logits)
+
+
 def converted(tmp_path, src, **flags):
     """The reference config and tree that `vitspec.convert` makes of `src` (format detected)."""
     dst = tmp_path / "reference.safetensors"
@@ -136,13 +146,10 @@ def test_scenic_file_converts_to_its_logits_and_back(tmp_path, case):
         "tanh",
         1e-6,
     )
-    assert relative_error(vitspec.forward(cfg, ours, IMAGES), logits) <= REL
+    for who, got in three_outputs(cfg, ours, IMAGES).items():
+        assert relative_error(got, logits) <= REL, who
 
-    back = tmp_path / f"back{suffix}"
-    save_any(back, "scenic", cfg, ours)
-    written = load_flax(back)
-    assert_same_tree(written, params)
-    np.testing.assert_array_equal(flax_logits(module, written, IMAGES), logits)
+    assert_written_back_as_theirs(tmp_path / f"back{suffix}", "scenic", cfg, ours, module, params, logits)
 
 
 def test_scenic_without_a_learned_posemb_needs_the_flag(tmp_path):
@@ -200,13 +207,10 @@ def test_vit_flax_file_converts_to_its_logits_and_back(tmp_path, case):
         False,
     )
     assert (cfg.num_heads, cfg.attention_dim, cfg.in_channels) == (heads, 64 * heads, 3)
-    assert relative_error(vitspec.forward(cfg, ours, IMAGES), logits) <= REL
+    for who, got in three_outputs(cfg, ours, IMAGES).items():
+        assert relative_error(got, logits) <= REL, who
 
-    back = tmp_path / f"back{suffix}"
-    save_any(back, "vit_flax", cfg, ours)
-    written = load_flax(back)
-    assert_same_tree(written, params)
-    np.testing.assert_array_equal(flax_logits(module, written, IMAGES), logits)
+    assert_written_back_as_theirs(tmp_path / f"back{suffix}", "vit_flax", cfg, ours, module, params, logits)
 
 
 def test_vit_flax_needs_the_patch_size_and_pool_it_cannot_show(tmp_path):
@@ -288,7 +292,8 @@ def test_tutorial_file_converts_to_its_logits_and_back(tmp_path, case):
     assert fmt == "tutorial"
     assert (cfg.final_norm, cfg.pool, cfg.gelu, cfg.ln_eps) == (False, "token", "tanh", 1e-5)
     assert (cfg.num_heads, cfg.attention_dim, cfg.qkv_bias) == (heads, heads * (hidden // heads), qkv_bias)
-    assert relative_error(vitspec.forward(cfg, ours, images), logits) <= REL
+    for who, got in three_outputs(cfg, ours, images).items():
+        assert relative_error(got, logits) <= REL, who
 
     back = tmp_path / f"back{suffix}"
     save_any(back, "tutorial", cfg, ours)  # written with one Linear per head, the tutorial's default
@@ -317,9 +322,6 @@ def test_tutorial_refuses_a_final_norm(tmp_path):
     )
     with pytest.raises(FormatError, match="final_norm=True"):
         save_any(tmp_path / "out.pt", "tutorial", cfg, vitspec.init_params(cfg, 0))
-
-
-# --- any config each layout can express --------------------------------------------------------------
 
 
 # --- the command line -------------------------------------------------------------------------------

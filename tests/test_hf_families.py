@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 import vitspec
+from tests.backend_outputs import three_outputs
+from vitspec.app.convert_check import transformers_output
 from vitspec.formats import FormatError, load_with_notes, save_any
 from vitspec.formats.flags import given_values
 
@@ -78,17 +80,6 @@ def random_model(name: str, seed: int = 0):
     return model
 
 
-def output(model, images: np.ndarray) -> np.ndarray:
-    """Our output in transformers' terms: logits, else image_embeds, pooler_output, last_hidden_state."""
-    with torch.no_grad():
-        out = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
-    for field in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
-        value = getattr(out, field, None)
-        if value is not None:
-            return value.numpy()
-    raise AssertionError(f"no output in {type(out).__name__}")
-
-
 def images(n: int = 2, size: int = 32, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, size, size, 3))
 
@@ -99,14 +90,16 @@ def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", list(FORMAT_OF))
-def test_the_reference_computes_what_transformers_does(name, tmp_path):
+def test_the_reference_and_both_backends_compute_what_transformers_does(name, tmp_path):
     model = random_model(name)
     model.save_pretrained(tmp_path / name)
     vitspec.convert(tmp_path / name, tmp_path / "ref.safetensors", out=io.StringIO())
     cfg, params = vitspec.load(tmp_path / "ref.safetensors")
     x = images()
-    error = relative_error(vitspec.forward(cfg, params, x), output(model, x))
-    assert error <= REL, f"{name}: relative error {error:.3g}"
+    expected = transformers_output(model, x)
+    for who, got in three_outputs(cfg, params, x).items():
+        error = relative_error(got, expected)
+        assert error <= REL, f"{who} on {name}: relative error {error:.3g}"
     assert load_with_notes(tmp_path / name).fmt == FORMAT_OF[name]
 
 
@@ -123,7 +116,7 @@ def test_written_back_transformers_loads_every_tensor_and_computes_the_same(name
     )
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
     x = images(seed=3)
-    error = relative_error(output(back.eval(), x), output(model, x))
+    error = relative_error(transformers_output(back.eval(), x), transformers_output(model, x))
     assert error <= REL, f"{name}: relative error {error:.3g}"
     again = load_with_notes(tmp_path / "back")  # ours -> transformers -> ours: the same tree, bit for bit
     assert again.cfg == loaded.cfg
@@ -174,7 +167,7 @@ def test_folding_the_class_row_into_the_class_token_is_exact_at_another_image_si
     big = cfg.replace(image_size=size)
     params = {**params, "pos_embed": resampled[0, 1:]}
     x = images(size=size)
-    error = relative_error(vitspec.forward(big, params, x), output(model, x))
+    error = relative_error(vitspec.forward(big, params, x), transformers_output(model, x))
     assert error <= REL, f"relative error {error:.3g}"
 
 
@@ -191,7 +184,7 @@ def test_a_weights_file_alone_is_told_by_its_names_with_the_conventions_noted(na
     gelu = {"gelu": "exact", "quick_gelu": "quick", "gelu_pytorch_tanh": "tanh"}[model.config.hidden_act]
     assert f"--gelu {gelu}" in unsettled and f"--ln-eps {model.config.layer_norm_eps:g}" in unsettled
     x = images()
-    assert relative_error(vitspec.forward(loaded.cfg, loaded.params, x), output(model, x)) <= REL
+    assert relative_error(vitspec.forward(loaded.cfg, loaded.params, x), transformers_output(model, x)) <= REL
 
 
 OLD_NAMES = {  # transformers 4.x's names of today's (what its conversion_mapping renames on load)
@@ -228,7 +221,7 @@ def test_transformers_4_names_are_read_too(name, tmp_path):
     loaded = load_with_notes(tmp_path / "model.safetensors", heads=4)
     assert loaded.fmt == FORMAT_OF[name]
     x = images()
-    assert relative_error(vitspec.forward(loaded.cfg, loaded.params, x), output(model, x)) <= REL
+    assert relative_error(vitspec.forward(loaded.cfg, loaded.params, x), transformers_output(model, x)) <= REL
 
 
 def _directory(tmp_path, name: str, **config_changes):
@@ -311,28 +304,3 @@ def test_a_clip_head_with_a_bias_is_not_written_as_a_projection_without_one(tmp_
     params = {**loaded.params, "head/bias": np.full(16, 0.5)}
     with pytest.raises(FormatError, match=r"head/bias is not zero \(max \|value\| 0.5\)"):
         save_any(tmp_path / "back", "hf_clip", loaded.cfg, params)
-
-
-@pytest.mark.parametrize("backend, name", [("torch", "deit"), ("flax", "clip_projection")])
-def test_a_backend_runs_a_converted_family_model_as_transformers_does(backend, name, tmp_path):
-    model = random_model(name)
-    model.save_pretrained(tmp_path / name)
-    vitspec.convert(tmp_path / name, tmp_path / "ref.safetensors", out=io.StringIO())
-    x = images()
-    if backend == "torch":
-        from backends.torch_vit import from_checkpoint
-
-        with torch.no_grad():
-            got = from_checkpoint(tmp_path / "ref.safetensors")(
-                torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-            )
-        got = got.numpy()
-    else:
-        jax = pytest.importorskip("jax")
-        from backends.flax_vit import from_checkpoint
-
-        module, variables = from_checkpoint(tmp_path / "ref.safetensors")
-        with jax.enable_x64(True):
-            got = np.asarray(module.apply(variables, x))
-    error = relative_error(got, output(model, x))
-    assert error <= REL, f"{backend} on {name}: relative error {error:.3g}"

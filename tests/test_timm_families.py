@@ -7,10 +7,10 @@ Each timm model is timm's own class at a tiny size, its parameters drawn at rand
 dict is saved as .safetensors and read back with the converter's library function
 (`vitspec.formats.load_with_notes`, what `vitspec convert` calls) and the flags a timm file needs
 (heads, the GELU form, eps, pool). The reference forward and the torch backend on the converted
-parameters, and timm's model built from the printed `timm_construction` on the file written back,
-give timm's logits within 1e-12 of their largest magnitude (measured with timm 1.0.31: at most
-8e-16). pool_include_prefix is not shown by a timm file's names and no reading flag sets it yet:
-that case sets it on the read config.
+parameters, the flax backend on them, and timm's model built from the printed `timm_construction`
+on the file written back, give timm's logits within 1e-12 of their largest magnitude (measured with
+timm 1.0.31: at most 8e-16). pool_include_prefix is not shown by a timm file's names: that case
+reads with its flag.
 
 timm imports torchvision, which has no build matching the CPU torch this project pins, so on the
 project's own machines those tests skip. To run them: `pip install --no-deps --target DIR timm`,
@@ -28,9 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import vitspec
 from backends.torch_vit import from_reference, model_for
 from parity_tests.strategies import SMALL_FIELDS, random_params
+from tests.backend_outputs import three_outputs
 from vitspec.config import ViTConfig
 from vitspec.formats import FormatError, load_any, load_with_notes, save_any
 from vitspec.formats.inference import reading_flags
@@ -90,8 +90,8 @@ FAMILIES = {
     "pool-include-prefix": Family(
         "vision_transformer.VisionTransformer",
         dict(global_pool="avg", reg_tokens=2, pool_include_prefix=True),
-        dict(pool="gap"),
-        dict(pool="gap", fc_norm=True),
+        dict(pool="gap", pool_include_prefix=True),
+        dict(pool="gap", fc_norm=True, pool_include_prefix=True),
     ),
 }
 
@@ -126,16 +126,14 @@ def test_converted_model_computes_timms_logits(timm, tmp_path, name):
     save_file(theirs.state_dict(), path)
     loaded = load_with_notes(path, **READ, **family.flags)
     assert loaded.fmt == "torch"
-    cfg = loaded.cfg.replace(pool_include_prefix=True) if name == "pool-include-prefix" else loaded.cfg
+    cfg = loaded.cfg
     assert {field: getattr(cfg, field) for field in family.expected} == family.expected
     images = np.random.default_rng(1).standard_normal((3, *cfg.image_size, cfg.in_channels))
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
         expected = theirs(nchw).numpy()
-        ours = model_for(cfg).double().eval()
-        ours.load_state_dict(from_reference(loaded.params, cfg))
-        assert relative_error(ours(nchw), expected) <= BOUND
-    assert relative_error(vitspec.forward(cfg, loaded.params, images), expected) <= BOUND
+    for who, got in three_outputs(cfg, loaded.params, images).items():
+        assert relative_error(got, expected) <= BOUND, who
 
     # Back to a timm file: the printed construction loads it strictly and computes the same.
     save_any(tmp_path / "back.safetensors", "torch", cfg, loaded.params)

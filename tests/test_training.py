@@ -352,6 +352,20 @@ def test_init_loads_resamples_and_reinitializes_the_head(tmp_path, capsys):
             np.testing.assert_array_equal(params[name], value.astype(np.float32), err_msg=name)
 
 
+def test_resample_flag_overrides_the_source_formats_own_method(tmp_path):
+    from vitspec.app.training.init import fine_tuning_start
+    from vitspec.posemb import resample_model
+
+    path, model, source_params = fine_tuning_source(tmp_path)
+    params, notes = fine_tuning_start(model, path, "big_vision")
+    source_cfg = model.replace(image_size=(20, 20))
+    for method, equal in (("big_vision", True), ("timm", False)):
+        resampled = resample_model(source_cfg, source_params, (28, 28), method)[1]["pos_embed"]
+        assert np.array_equal(params["pos_embed"], resampled.astype(np.float32)) == equal, method
+    with pytest.raises(ValueError, match="--resample timm: it resamples --init's posemb; no --init is given"):
+        TrainConfig(resample="timm")
+
+
 def test_fine_tuning_from_a_converted_checkpoint_is_the_same_run_in_both_backends(data_dir, tmp_path):
     path, _, _ = fine_tuning_source(tmp_path)
     for backend in BACKENDS:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from backends.flax_vit.embedding import add_posemb, embed_patches
+from backends.flax_vit.embedding import add_posemb, embedded_tokens
 from backends.flax_vit.layers import (
     Dtype,
     LayerScale,
@@ -126,12 +126,7 @@ class CaiT(VisionTransformer):
             )
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         out = {}
-        x = out["patch_embed"] = embed_patches(self, images)
-        x = nn.Dropout(cfg.dropout)(add_posemb(self, x), not train)
-        if cfg.pre_norm:
-            out["embedded"] = x
-            x = layer_norm(cfg.ln_eps, name="pre_norm", **kw)(x)
-        out["tokens"] = x
+        x = embedded_tokens(self, images, add_posemb, train, out)
         n, _, d = x.shape
         cls = self.param("cls", shape_only, (1, 1, d), self.param_dtype)
         cls = jnp.broadcast_to(jnp.asarray(cls, x.dtype), (n, 1, d))

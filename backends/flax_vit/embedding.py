@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from backends.flax_vit.layers import shape_only
+from backends.flax_vit.layers import layer_norm, shape_only
 from vitspec.fixed_posemb import fixed_posemb
 
 
@@ -53,3 +53,16 @@ def add_posemb(module: nn.Module, x):  # [n, posemb_length, d] -> the same
         return x + jnp.asarray(module.param("pos_embedding", shape_only, shape, module.param_dtype), x.dtype)
     table = fixed_posemb(cfg)  # the reference's float64 table, rounded once to the computation dtype
     return x if table is None else x + jnp.asarray(table, x.dtype)
+
+
+def embedded_tokens(module: nn.Module, images, with_posemb, train: bool, out: dict):
+    """The sequence into the first block: the patches through `with_posemb` (add_tokens_and_posemb,
+    or CaiT's add_posemb), dropout, then pre_norm; out gets patch_embed, embedded and tokens."""
+    cfg = module.config
+    x = out["patch_embed"] = embed_patches(module, images)
+    x = nn.Dropout(cfg.dropout)(with_posemb(module, x), not train)
+    if cfg.pre_norm:
+        out["embedded"] = x
+        x = layer_norm(cfg.ln_eps, module.dtype, module.param_dtype, name="pre_norm")(x)
+    out["tokens"] = x
+    return x

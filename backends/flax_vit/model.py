@@ -47,7 +47,7 @@ import numpy as np
 from flax import linen as nn
 
 from backends.flax_vit.convert import from_reference
-from backends.flax_vit.embedding import add_tokens_and_posemb, embed_patches
+from backends.flax_vit.embedding import add_tokens_and_posemb, embedded_tokens
 from backends.flax_vit.layers import (
     Dtype,
     LayerScale,
@@ -193,12 +193,7 @@ class VisionTransformer(nn.Module):
             )
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         out = {}
-        x = out["patch_embed"] = embed_patches(self, images)
-        x = nn.Dropout(cfg.dropout)(add_tokens_and_posemb(self, x), not train)
-        if cfg.pre_norm:
-            out["embedded"] = x
-            x = layer_norm(cfg.ln_eps, name="pre_norm", **kw)(x)
-        out["tokens"] = x
+        x = embedded_tokens(self, images, add_tokens_and_posemb, train, out)
         x, blocks, probs = Encoder(cfg, name="Transformer", **kw)(
             x, deterministic=not train, return_probs=attention_maps
         )

@@ -159,11 +159,11 @@ class PatchEmbed(nn.Module):
             )
         n, c, h, w = images.shape
         ph, pw = self.patch_size
-        patches = images.reshape(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 3, 5, 1)
-        kernel = self.proj.weight.permute(0, 2, 3, 1)  # [d, ph, pw, c]
-        return F.linear(
-            patches.reshape(n, -1, ph * pw * c), kernel.reshape(kernel.shape[0], -1), self.proj.bias
-        )
+        # Each patch flattened in the conv weight's own (c, ph, pw) order: the weight is used as it
+        # is stored, so its gradient comes back contiguous, as DDP's buckets and fused AdamW expect.
+        patches = images.reshape(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        kernel = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # [d, c * ph * pw]
+        return F.linear(patches.reshape(n, -1, c * ph * pw), kernel, self.proj.bias)
 
 
 def fixed_posemb_buffer(cfg: ViTConfig) -> torch.Tensor | None:

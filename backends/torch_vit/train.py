@@ -159,8 +159,7 @@ class TorchBackend:
             for g in grads.values():
                 g.mul_(scale)
         for name, p in self.params.items():
-            # The fused kernel walks grad and param memory in step: a grad must share its param's
-            # strides (the patch kernel's comes back channels-last from PatchEmbed's permute).
+            # The fused kernel walks grad and param memory in step: a grad must share its param's strides.
             p.grad = grads[name].contiguous()
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -111,20 +111,27 @@ def _run_flax(dst: Path, cfg: ViTConfig, images: np.ndarray) -> np.ndarray:
 
 
 def _run_transformers(directory: Path, images: np.ndarray) -> np.ndarray:
-    """The written directory's output in transformers, by the class its config.json names: logits,
-    else image_embeds (CLIP's projection), pooler_output, last_hidden_state (pool 'none')."""
+    """The written directory's output in transformers, by the class its config.json names."""
     import torch
     import transformers
 
     architecture = json.loads((directory / "config.json").read_text())["architectures"][0]
     model = getattr(transformers, architecture).from_pretrained(directory, dtype=torch.float64).eval()
+    return transformers_output(model, images)
+
+
+def transformers_output(model, images: np.ndarray) -> np.ndarray:
+    """A transformers vision model's output on NHWC `images` as vitspec's: logits, else image_embeds
+    (CLIP's projection), pooler_output, last_hidden_state (pool 'none')."""
+    import torch
+
     with torch.no_grad():
         out = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
     for field in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
         value = getattr(out, field, None)
         if value is not None:
             return value.numpy()
-    raise AssertionError(f"{architecture} returned none of logits, image_embeds, pooler_output")
+    raise AssertionError(f"{type(model).__name__} returned none of logits, image_embeds, pooler_output")
 
 
 def check_resampling(

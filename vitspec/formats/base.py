@@ -51,15 +51,22 @@ class Format:
         """The config and the notes on it, from the names and shapes and what the reader was `given`
         (vitspec.formats.flags.given_values)."""
         cfg, notes = config_from_facts(self.read_facts(native), self.convention, given)
-        reasons = self.cannot_express(cfg)
-        if reasons:  # the format's models always have what this file lacks (HF: a class token)
-            raise FormatError(
-                f"the checkpoint reads as a config the {self.name} layout cannot express "
-                f"({'; '.join(reasons)}): a part its models always have is missing, or it is not a "
-                f"{self.name} checkpoint (--from)"
-            )
+        self.refuse_read(cfg)
         notes += absence_notes(self, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]
+
+    def refuse_read(self, cfg: ViTConfig, hint: str | None = None) -> None:
+        """Refuses the config read from a file that this layout cannot express; `hint` says what that
+        means (by default: the format's models always have what this file lacks, HF a class token)."""
+        reasons = self.cannot_express(cfg)
+        if reasons:
+            hint = hint or (
+                f"a part its models always have is missing, or it is not a {self.name} checkpoint (--from)"
+            )
+            raise FormatError(
+                f"the checkpoint reads as a config the {self.name} layout cannot express "
+                f"({'; '.join(reasons)}): {hint}"
+            )
 
 
 def require(native: Mapping[str, np.ndarray], key: str, fmt: str) -> np.ndarray:

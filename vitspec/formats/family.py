@@ -134,13 +134,7 @@ class FamilyFormat(Format):
             cfg = self.settle(cfg)
         except ValueError as e:
             raise FormatError(f"the checkpoint and flags give an invalid config: {e}") from None
-        reasons = self.cannot_express(cfg)
-        if reasons:
-            raise FormatError(
-                f"the checkpoint reads as a config the {self.name} layout cannot express "
-                f"({'; '.join(reasons)}): a part its models always have is missing, or it is not a "
-                f"{self.name} checkpoint (--from)"
-            )
+        self.refuse_read(cfg)
         named_as_filed = dataclasses.replace(self, build_table=self.file_named_table)
         notes += absence_notes(named_as_filed, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]

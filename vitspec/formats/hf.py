@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import Format, count_blocks, optional_dim, require
+from vitspec.formats.base import Format, optional_dim
 from vitspec.formats.files import open_tensors
 from vitspec.formats.hf_parts import (
     CONFIG_FILE,
+    SUFFIXES,
     Naming,
     dense_rules,
+    embedding_rules,
+    encoder_facts,
     encoder_rules,
     json_fields,
     labels_json,
@@ -46,11 +49,12 @@ from vitspec.formats.hf_parts import (
     shared_checks,
 )
 from vitspec.formats.inference import Convention, Facts
-from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
+from vitspec.formats.table import FormatError, Rule
 
 NAME = "hf"
 NAME_4X = "hf4"
 CLASSIFIER_PREFIX = "vit."
+PATCH = "embeddings.patch_embeddings.projection"
 
 
 TRANSFORMERS_5 = Naming(
@@ -87,13 +91,7 @@ def _table(writes: Naming, cfg: ViTConfig, native_keys: Collection[str] | None =
     p = prefix_of(native_keys) if native_keys is not None else (CLASSIFIER_PREFIX if cfg.num_classes else "")
     n = naming_of(native_keys) if native_keys is not None else writes
 
-    table = [
-        token_rule("cls_token", f"{p}embeddings.cls_token", cfg),
-        token_rule("pos_embed", f"{p}embeddings.position_embeddings", cfg),
-        rule("patch_embed/kernel", f"{p}embeddings.patch_embeddings.projection.weight", Layout.CONV, cfg),
-        rule("patch_embed/bias", f"{p}embeddings.patch_embeddings.projection.bias", Layout.RESHAPE, cfg),
-    ]
-    table += encoder_rules(cfg, p, n)
+    table = embedding_rules(cfg, p) + encoder_rules(cfg, p, n)
     table += norm_rules("norm", f"{p}layernorm", cfg)
     if cfg.representation_size:
         table += dense_rules("pre_logits", f"{p}pooler.dense", cfg)
@@ -188,25 +186,15 @@ def stated_fields(config: Any, where: Path | str) -> dict[str, Any]:
 def _facts(native: Mapping[str, np.ndarray]) -> Facts:
     p = prefix_of(native.keys())
     n = naming_of(native.keys())
-    fmt = "hf (transformers ViT)"
-    width, channels, ph, pw = require(native, f"{p}embeddings.patch_embeddings.projection.weight", fmt).shape
     return Facts(
-        width=int(width),
-        depth=count_blocks(native, re.escape(p + n.layers) + r"(\d+)\.layernorm_before\.weight", fmt),
-        mlp_dim=int(require(native, f"{p}{n.layer(0)}.{n.fc1}.weight", fmt).shape[0]),
-        patch_size=(int(ph), int(pw)),
-        in_channels=int(channels),
+        **encoder_facts(native, p, n, PATCH, "hf (transformers ViT)"),
         num_classes=optional_dim(native, "classifier.weight", 0) or 0,
         representation_size=optional_dim(native, f"{p}pooler.dense.weight", 0),
         class_token=f"{p}embeddings.cls_token" in native,
         num_registers=0,
         posemb_rows=optional_dim(native, f"{p}embeddings.position_embeddings", 1),
-        qkv_bias=f"{p}{n.layer(0)}.{n.query}.bias" in native,
-        qk_norm=False,
         layer_scale=False,
-        fc_norm=False,
         map_head=False,
-        heads=None,
     )
 
 
@@ -220,7 +208,7 @@ def _format(name: str, writes: Naming, description: str) -> Format:
         build_table=functools.partial(_table, writes),
         cannot_express=_cannot_express,
         read_facts=_facts,
-        suffixes=(".safetensors", ".bin", ".pt", ".pth"),
+        suffixes=SUFFIXES,
     )
 
 

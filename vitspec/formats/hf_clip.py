@@ -20,17 +20,17 @@ CLIPVisionModelWithProjection.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
 
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import count_blocks, optional_dim, require
+from vitspec.formats import hf, hf_parts
+from vitspec.formats.base import optional_dim
 from vitspec.formats.hf_family import (
     HIDDEN_ACT,
-    Family,
     Reading,
+    family,
     rebuilt,
     require_zero,
     stated,
@@ -68,18 +68,9 @@ ENCODER = Naming(
     norm1="layer_norm1",
     norm2="layer_norm2",
 )
-# config.json's keys for the fields it states (CLIPVisionConfig and SiglipVisionConfig alike).
-CONFIG_JSON_FIELDS = (
-    ("hidden_size", "width"),
-    ("num_hidden_layers", "depth"),
-    ("num_attention_heads", "num_heads"),
-    ("intermediate_size", "mlp_dim"),
-    ("hidden_act", "gelu"),
-    ("layer_norm_eps", "ln_eps"),
-    ("image_size", "image_size"),
-    ("patch_size", "patch_size"),
-    ("num_channels", "in_channels"),
-)
+# config.json's keys for the fields it states (CLIPVisionConfig and SiglipVisionConfig alike): ViT's
+# but qkv_bias, since their q, k and v always have biases.
+CONFIG_JSON_FIELDS = tuple(entry for entry in hf.CONFIG_JSON_FIELDS if entry[0] != "qkv_bias")
 REFUSED = {
     "CLIPForImageClassification": "its classifier reads the mean of the patch tokens before "
     "post_layernorm, which then goes unused: vitspec's final norm is before pooling",
@@ -108,21 +99,11 @@ def square_checks(cfg: ViTConfig, config_class: str) -> list[tuple[bool, str]]:
 
 def encoder_facts(native: Mapping[str, np.ndarray], p: str, fmt: str) -> dict:
     """The Facts fields a CLIP-style encoder shows, after the tower's prefix `p`."""
-    width, channels, ph, pw = require(native, f"{p}embeddings.patch_embedding.weight", fmt).shape
-    first = f"{p}{ENCODER.layer(0)}"
     return dict(
-        width=int(width),
-        depth=count_blocks(native, re.escape(p + ENCODER.layers) + r"(\d+)\.layer_norm1\.weight", fmt),
-        mlp_dim=int(require(native, f"{first}.{ENCODER.fc1}.weight", fmt).shape[0]),
-        patch_size=(int(ph), int(pw)),
-        in_channels=int(channels),
+        **hf_parts.encoder_facts(native, p, ENCODER, "embeddings.patch_embedding", fmt),
         num_registers=0,
         posemb_rows=optional_dim(native, f"{p}embeddings.position_embedding.weight", 0),
-        qkv_bias=f"{first}.{ENCODER.query}.bias" in native,
-        qk_norm=False,
         layer_scale=False,
-        fc_norm=False,
-        heads=None,
     )
 
 
@@ -218,15 +199,13 @@ def stated_fields(config: dict, where: str) -> dict:
     return stated(config, where, ("clip_vision_model",), CONFIG_JSON_FIELDS, architectures, REFUSED)
 
 
-FORMAT = Family(
+FORMAT = family(
+    _read,
     name=NAME,
     description="Hugging Face CLIPVisionModel / CLIPVisionModelWithProjection (CLIPModel read)",
     convention=CONVENTION,
     build_table=_table,
     cannot_express=_cannot_express,
-    read_facts=lambda native: _read(native).facts,
-    suffixes=(".safetensors", ".bin", ".pt", ".pth"),
-    read=_read,
     model_types=("clip_vision_model", "clip"),
     config_json=transformers_config,
     stated_fields=stated_fields,

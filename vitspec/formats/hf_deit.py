@@ -14,17 +14,18 @@ model averages both tokens' heads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
 
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import count_blocks, optional_dim, require
-from vitspec.formats.hf import CONFIG_JSON_FIELDS, TRANSFORMERS_5, naming_of
-from vitspec.formats.hf_family import HIDDEN_ACT, Family, Reading, stated
+from vitspec.formats.base import optional_dim, require
+from vitspec.formats.hf import CONFIG_JSON_FIELDS, PATCH, TRANSFORMERS_5, naming_of
+from vitspec.formats.hf_family import HIDDEN_ACT, Reading, family, stated
 from vitspec.formats.hf_parts import (
     dense_rules,
+    embedding_rules,
+    encoder_facts,
     encoder_rules,
     json_fields,
     labels_json,
@@ -33,7 +34,7 @@ from vitspec.formats.hf_parts import (
     shared_checks,
 )
 from vitspec.formats.inference import Convention, Facts
-from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
+from vitspec.formats.table import FormatError, Rule
 
 NAME = "hf_deit"
 PREFIX = "deit."
@@ -54,14 +55,7 @@ CONVENTION = Convention(
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
     n = naming_of(native_keys) if native_keys is not None else TRANSFORMERS_5
     p = PREFIX
-    table = [
-        token_rule("cls_token", f"{p}embeddings.cls_token", cfg),
-        token_rule("dist_token", f"{p}embeddings.distillation_token", cfg),
-        token_rule("pos_embed", f"{p}embeddings.position_embeddings", cfg),
-        rule("patch_embed/kernel", f"{p}embeddings.patch_embeddings.projection.weight", Layout.CONV, cfg),
-        rule("patch_embed/bias", f"{p}embeddings.patch_embeddings.projection.bias", Layout.RESHAPE, cfg),
-    ]
-    table += encoder_rules(cfg, p, n)
+    table = embedding_rules(cfg, p, ("dist_token", "distillation_token")) + encoder_rules(cfg, p, n)
     table += norm_rules("norm", f"{p}layernorm", cfg)
     if cfg.num_classes:
         table += dense_rules("head", "cls_classifier", cfg) + dense_rules(
@@ -93,26 +87,16 @@ def _read(native: Mapping[str, np.ndarray], file_keys: Collection[str] = ()) -> 
         raise FormatError(f"a {kind} checkpoint cannot be read: {REFUSED[kind]}")
     n, p = naming_of(native.keys()), PREFIX
     require(native, MARKER, fmt)
-    width, channels, ph, pw = require(native, f"{p}embeddings.patch_embeddings.projection.weight", fmt).shape
-    rows = int(require(native, f"{p}embeddings.position_embeddings", fmt).shape[1])
     facts = Facts(
-        width=int(width),
-        depth=count_blocks(native, re.escape(p + n.layers) + r"(\d+)\.layernorm_before\.weight", fmt),
-        mlp_dim=int(require(native, f"{p}{n.layer(0)}.{n.fc1}.weight", fmt).shape[0]),
-        patch_size=(int(ph), int(pw)),
-        in_channels=int(channels),
+        **encoder_facts(native, p, n, PATCH, fmt),
         num_classes=optional_dim(native, "cls_classifier.weight", 0) or 0,
         representation_size=None,
         class_token=f"{p}embeddings.cls_token" in native,
         num_registers=0,
         distilled=True,
-        posemb_rows=rows,
-        qkv_bias=f"{p}{n.layer(0)}.{n.query}.bias" in native,
-        qk_norm=False,
+        posemb_rows=int(require(native, f"{p}embeddings.position_embeddings", fmt).shape[1]),
         layer_scale=False,
-        fc_norm=False,
         map_head=False,
-        heads=None,
     )
     return Reading(facts, {}, {}, [], CONVENTION)
 
@@ -133,15 +117,13 @@ def stated_fields(config: dict, where: str) -> dict:
     return stated(config, where, ("deit",), CONFIG_JSON_FIELDS, architectures, REFUSED)
 
 
-FORMAT = Family(
+FORMAT = family(
+    _read,
     name=NAME,
     description="Hugging Face DeiTForImageClassificationWithTeacher (distilled DeiT)",
     convention=CONVENTION,
     build_table=_table,
     cannot_express=_cannot_express,
-    read_facts=lambda native: _read(native).facts,
-    suffixes=(".safetensors", ".bin", ".pt", ".pth"),
-    read=_read,
     model_types=("deit",),
     config_json=transformers_config,
     stated_fields=stated_fields,

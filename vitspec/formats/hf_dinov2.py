@@ -28,13 +28,22 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.base import count_blocks, optional_dim, require
+from vitspec.formats import hf
+from vitspec.formats.base import optional_dim
 from vitspec.formats.flags import Note
-from vitspec.formats.hf_family import HIDDEN_ACT, Family, Reading, rebuilt, stated, zeros_like_spec
-from vitspec.formats.hf_parts import Naming, encoder_rules, json_fields, norm_rules, shared_checks
+from vitspec.formats.hf_family import HIDDEN_ACT, Reading, family, rebuilt, stated, zeros_like_spec
+from vitspec.formats.hf_parts import (
+    Naming,
+    embedding_rules,
+    encoder_facts,
+    encoder_rules,
+    json_fields,
+    norm_rules,
+    shared_checks,
+)
 from vitspec.formats.inference import Convention, Facts
 from vitspec.formats.lazy import LazyTensors, spec_of
-from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
+from vitspec.formats.table import FormatError, Rule, token_rule
 
 NAME = "hf_dinov2"
 BARE, REGISTERS = "Dinov2Model", "Dinov2WithRegistersModel"
@@ -67,17 +76,8 @@ OLD = Naming(
     *LAYER_SCALE,
 )
 SWIGLU = re.compile(r"\.mlp\.(weights_in|gate_proj|up_proj)\.")
-CONFIG_JSON_FIELDS = (
-    ("hidden_size", "width"),
-    ("num_hidden_layers", "depth"),
-    ("num_attention_heads", "num_heads"),
-    ("hidden_act", "gelu"),
-    ("layer_norm_eps", "ln_eps"),
-    ("image_size", "image_size"),
-    ("patch_size", "patch_size"),
-    ("num_channels", "in_channels"),
-    ("qkv_bias", "qkv_bias"),
-)
+# ViT's keys but intermediate_size: Dinov2Config states the MLP width by mlp_ratio.
+CONFIG_JSON_FIELDS = tuple(entry for entry in hf.CONFIG_JSON_FIELDS if entry[0] != "intermediate_size")
 NOT_POOLED = (
     "its classifier reads [class token, mean of the patch tokens] (2 x width), which no pool here gives"
 )
@@ -101,12 +101,7 @@ def _naming(native_keys: Collection[str]) -> Naming:
 
 
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
-    table = [
-        token_rule("cls_token", CLS, cfg),
-        token_rule("pos_embed", POSEMB, cfg),
-        rule("patch_embed/kernel", "embeddings.patch_embeddings.projection.weight", Layout.CONV, cfg),
-        rule("patch_embed/bias", "embeddings.patch_embeddings.projection.bias", Layout.RESHAPE, cfg),
-    ]
+    table = embedding_rules(cfg, "")
     if cfg.num_registers:
         table.append(token_rule("reg_tokens", REG, cfg))
     table += encoder_rules(cfg, "", _naming(native_keys) if native_keys is not None else TODAY)
@@ -188,25 +183,16 @@ def _read(native: Mapping[str, np.ndarray], file_keys: Collection[str] = ()) -> 
     if any(SWIGLU.search(k) for k in native):
         raise FormatError(f"a DINOv2 with {SWIGLU_REASON}")
     n = _naming(native.keys())
-    width, channels, ph, pw = require(native, "embeddings.patch_embeddings.projection.weight", fmt).shape
     registers = optional_dim(native, REG, 1) or 0
     facts = Facts(
-        width=int(width),
-        depth=count_blocks(native, re.escape(n.layers) + r"(\d+)\.norm1\.weight", fmt),
-        mlp_dim=int(require(native, f"{n.layer(0)}.{n.fc1}.weight", fmt).shape[0]),
-        patch_size=(int(ph), int(pw)),
-        in_channels=int(channels),
+        **encoder_facts(native, "", n, hf.PATCH, fmt),
         num_classes=0,
         representation_size=None,
         class_token=CLS in native,
         num_registers=registers,
         posemb_rows=optional_dim(native, POSEMB, 1),
-        qkv_bias=f"{n.layer(0)}.{n.query}.bias" in native,
-        qk_norm=False,
         layer_scale=f"{n.layer(0)}.{n.ls1}" in native,
-        fc_norm=False,
         map_head=False,
-        heads=None,
     )
     notes = []
     if MASK_TOKEN in file_keys:
@@ -259,15 +245,13 @@ def stated_fields(config: dict, where: str) -> dict:
     return fields
 
 
-FORMAT = Family(
+FORMAT = family(
+    _read,
     name=NAME,
     description="Hugging Face Dinov2Model / Dinov2WithRegistersModel",
     convention=_convention(False),
     build_table=_table,
     cannot_express=_cannot_express,
-    read_facts=lambda native: _read(native).facts,
-    suffixes=(".safetensors", ".bin", ".pt", ".pth"),
-    read=_read,
     model_types=tuple(MODEL_TYPES.values()),
     config_json=transformers_config,
     stated_fields=stated_fields,

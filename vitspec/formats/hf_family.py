@@ -22,7 +22,7 @@ import numpy as np
 from vitspec.config import ViTConfig
 from vitspec.formats.base import Format
 from vitspec.formats.flags import Given, Note, Told
-from vitspec.formats.hf_parts import read_fields
+from vitspec.formats.hf_parts import SUFFIXES, read_fields
 from vitspec.formats.inference import Convention, Facts, config_from_facts
 from vitspec.formats.lazy import LazyTensors, Spec, spec_of
 from vitspec.formats.strict import absence_notes, settled_by_format
@@ -72,12 +72,7 @@ class Family(Format):
             cfg = cfg.replace(**{k: v for k, v in reading.extras.items() if k not in shown})
         except ValueError as e:
             raise FormatError(f"the checkpoint and flags give an invalid config: {e}") from None
-        reasons = self.cannot_express(cfg)
-        if reasons:
-            raise FormatError(
-                f"the checkpoint reads as a config the {self.name} layout cannot express "
-                f"({'; '.join(reasons)}): it is not a {self.name} checkpoint, or a flag contradicts it"
-            )
+        self.refuse_read(cfg, f"it is not a {self.name} checkpoint, or a flag contradicts it")
         notes += reading.notes + absence_notes(self, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]
 
@@ -86,6 +81,11 @@ class Family(Format):
 
     def native_view(self, params: Mapping[str, np.ndarray], cfg: ViTConfig) -> LazyTensors:
         return self.stored(super().native_view(params, cfg), cfg)
+
+
+def family(read: Callable[[Mapping[str, np.ndarray], Collection[str]], Reading], **fields: Any) -> Family:
+    """A Family read by `read`, whose Facts are also its `read_facts`, in the files transformers saves."""
+    return Family(read=read, read_facts=lambda native: read(native).facts, suffixes=SUFFIXES, **fields)
 
 
 def rebuilt(

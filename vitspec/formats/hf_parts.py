@@ -1,19 +1,25 @@
-"""What the transformers vision layouts share: an encoder layer's names and rows, the refusals every
-family has, and config.json's reading and writing (vitspec.formats.hf and the hf_* families)."""
+"""What the transformers vision layouts share: ViT's embedding rows, an encoder layer's names, rows
+and facts, the refusals every family has, and config.json's reading and writing
+(vitspec.formats.hf and the hf_* families)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vitspec.config import ViTConfig
-from vitspec.formats.table import FormatError, Layout, Rule, rule
+from vitspec.formats.base import count_blocks, require
+from vitspec.formats.table import FormatError, Layout, Rule, rule, token_rule
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, unsharded
+SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,19 @@ def dense_rules(ref: str, native: str, cfg: ViTConfig, bias: bool = True) -> lis
     return rules + ([rule(f"{ref}/bias", f"{native}.bias", Layout.RESHAPE, cfg)] if bias else [])
 
 
+def embedding_rules(cfg: ViTConfig, prefix: str, *tokens: tuple[str, str]) -> list[Rule]:
+    """ViT's embeddings under `prefix`: the class token, `tokens` ((reference name, native name)
+    pairs, after it in the sequence), the position embedding and the biased patch conv."""
+    e = f"{prefix}embeddings"
+    return [
+        token_rule("cls_token", f"{e}.cls_token", cfg),
+        *(token_rule(ref, f"{e}.{native}", cfg) for ref, native in tokens),
+        token_rule("pos_embed", f"{e}.position_embeddings", cfg),
+        rule("patch_embed/kernel", f"{e}.patch_embeddings.projection.weight", Layout.CONV, cfg),
+        rule("patch_embed/bias", f"{e}.patch_embeddings.projection.bias", Layout.RESHAPE, cfg),
+    ]
+
+
 def encoder_rules(cfg: ViTConfig, prefix: str, n: Naming) -> list[Rule]:
     """The blocks' rows: the same pre-norm block under each family's names."""
     table = []
@@ -65,6 +84,26 @@ def encoder_rules(cfg: ViTConfig, prefix: str, n: Naming) -> list[Rule]:
         if n.ls2 and cfg.layer_scale is not None:
             table.append(rule(f"{ref}/ls2/scale", f"{native}.{n.ls2}", Layout.RESHAPE, cfg))
     return table
+
+
+def encoder_facts(native: Mapping[str, np.ndarray], prefix: str, n: Naming, patch: str, fmt: str) -> dict:
+    """The Facts fields that the patch conv `patch` (after `prefix`) and the blocks show alike in every
+    family."""
+    width, channels, ph, pw = require(native, f"{prefix}{patch}.weight", fmt).shape
+    first = f"{prefix}{n.layer(0)}"
+    return dict(
+        width=int(width),
+        depth=count_blocks(
+            native, re.escape(prefix + n.layers) + rf"(\d+)\.{re.escape(n.norm1)}\.weight", fmt
+        ),
+        mlp_dim=int(require(native, f"{first}.{n.fc1}.weight", fmt).shape[0]),
+        patch_size=(int(ph), int(pw)),
+        in_channels=int(channels),
+        qkv_bias=f"{first}.{n.query}.bias" in native,
+        qk_norm=False,
+        fc_norm=False,
+        heads=None,
+    )
 
 
 def shared_checks(cfg: ViTConfig, hidden_act: Mapping[str, str]) -> list[tuple[bool, str]]:

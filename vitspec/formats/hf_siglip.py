@@ -30,8 +30,8 @@ from vitspec.formats.hf_clip import (
 )
 from vitspec.formats.hf_family import (
     HIDDEN_ACT,
-    Family,
     Reading,
+    family,
     stated,
     text_tower_notes,
     vision_tower_config,
@@ -145,15 +145,13 @@ def stated_fields(config: dict, where: str) -> dict:
     return stated(config, where, ("siglip_vision_model",), CONFIG_JSON_FIELDS, architectures, REFUSED)
 
 
-FORMAT = Family(
+FORMAT = family(
+    _read,
     name=NAME,
     description="Hugging Face SiglipVisionModel (attention-pooling head: pool 'map'; SiglipModel read)",
     convention=CONVENTION,
     build_table=_table,
     cannot_express=_cannot_express,
-    read_facts=lambda native: _read(native).facts,
-    suffixes=(".safetensors", ".bin", ".pt", ".pth"),
-    read=_read,
     model_types=("siglip_vision_model", "siglip"),
     canonical=without_text_tower,
     config_json=transformers_config,

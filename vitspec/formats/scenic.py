@@ -25,22 +25,17 @@ from vitspec.formats.base import count_blocks, optional_dim, require
 from vitspec.formats.big_vision import block_rules, dense_rules, norm_rules
 from vitspec.formats.family import FamilyFormat, checks
 from vitspec.formats.inference import Convention, Facts
-from vitspec.formats.table import Layout, Rule, rule, token_rule
+from vitspec.formats.table import Rule, token_rule
+from vitspec.formats.vit_jax import POSEMB, embedding_rules
 
 NAME = "scenic"
-POSEMB = "Transformer/posembed_input/pos_embedding"
 HEAD = "output_projection"
 CLASSIFIERS = {"token": "token", "gap": "gap", "max": "gmp", "sum": "gsp"}  # our pool: Scenic's classifier
 ATTENTION = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0"
 
 
 def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
-    table = [
-        rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
-        rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg),
-    ]
-    if cfg.class_token:
-        table.append(token_rule("cls_token", "cls", cfg))
+    table = embedding_rules(cfg)
     if cfg.posemb == "learned":
         table.append(token_rule("pos_embed", POSEMB, cfg))
     for i in range(cfg.depth):

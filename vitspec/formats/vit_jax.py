@@ -27,14 +27,17 @@ NAME = "vit_jax"
 POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
-def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
+def embedding_rules(cfg: ViTConfig) -> list[Rule]:
+    """The patch embedding and the class token, which Scenic's ViT names alike."""
     table = [
         rule("patch_embed/kernel", "embedding/kernel", Layout.RESHAPE, cfg),
         rule("patch_embed/bias", "embedding/bias", Layout.RESHAPE, cfg),
     ]
-    if cfg.class_token:
-        table.append(token_rule("cls_token", "cls", cfg))
-    table.append(token_rule("pos_embed", POSEMB, cfg))
+    return table + ([token_rule("cls_token", "cls", cfg)] if cfg.class_token else [])
+
+
+def _table(cfg: ViTConfig, native_keys: Collection[str] | None = None) -> list[Rule]:
+    table = embedding_rules(cfg) + [token_rule("pos_embed", POSEMB, cfg)]
     for i in range(cfg.depth):
         ref, native = f"blocks/{i}", f"Transformer/encoderblock_{i}"
         table += norm_rules(f"{ref}/norm1", f"{native}/LayerNorm_0", cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vitspec.app import datasets
+from vitspec.posemb import RESAMPLE_METHODS
 from vitspec.variants import PRESETS
 
 # The command line says fashion-mnist (the dataset's own spelling); vitspec.app.datasets says fashion_mnist.
@@ -58,6 +59,15 @@ class TrainConfig:
         "model",
         True,
         show_default=False,
+    )
+    resample: str | None = _field(
+        None,
+        "how --init's position embedding is resampled for another image size (default: the file "
+        "format's own: timm's for torch files, hf's for transformers, big_vision's otherwise)",
+        "model",
+        True,
+        show_default=False,
+        choices=list(RESAMPLE_METHODS),
     )
     dropout: float | None = _field(
         None, "dropout rate (default: the model's)", "model", True, show_default=False
@@ -128,6 +138,8 @@ class TrainConfig:
                 problems.append(f"--{flag(name)} {value}: expected a rate in [0, 1)")
         if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.resample is not None and self.init is None:
+            problems.append(f"--resample {self.resample}: it resamples --init's posemb; no --init is given")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -160,7 +160,7 @@ def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
     if run.config.init is None:
         params = vitspec.init_params(run.cfg, run.config.seed)
     else:
-        params, notes = fine_tuning_start(run.cfg, run.config.init)
+        params, notes = fine_tuning_start(run.cfg, run.config.init, run.config.resample)
         say(run, "\n".join(notes))
     return run.create_backend(params), RunState.fresh(run.config.seed)
 
