@@ -8,16 +8,21 @@ error of several such roundings of the reference: a single rounding can land luc
 logit that cancels is a ratio of two independent rounding errors, whose tail is Cauchy's), the
 largest of several cannot.
 
-A relabeling is a dict of permutations by axis label: 'd' residual channels, 'm' MLP hidden
-units, 'c' those of CaiT's class-attention blocks, 'h' heads (head-major blocks of the q/k/v
-columns; both axes of a talking-heads mix), 'r' pre-logits units.
+A relabeling is a dict of permutations by axis label: 'd' residual channels (the model's width,
+also under an `attention_dim` of its own), 'm' MLP hidden units, 'c' those of CaiT's
+class-attention blocks, 'h' heads (both axes of a talking-heads mix), 'hd' the blocks' q/k/v
+columns and out projection's rows, `attention_dim` wide, permuted as the heads in blocks of
+head_dim columns, 'hw' the same for the MAP head's attention, which is the model's width wide
+(blocks of width / heads), 'r' pre-logits units. The ViT families' parameters: the distillation
+token and the pre-norm are residual-stream vectors ('d'), DeiT's second head has the first one's
+axes, and an optional bias (patch, projection, q/k/v) carries its layer's output label when present.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from vitspec.config import ViTConfig
+from vitspec.config import FIXED_POSEMBS, ViTConfig
 
 
 def _param_axes(cfg: ViTConfig, name: str) -> tuple:
@@ -28,20 +33,22 @@ def _param_axes(cfg: ViTConfig, name: str) -> tuple:
         return (None, None, None, "d")
     if name in ("reg_tokens", "pos_embed"):
         return (None, "d")
-    if name == "head/kernel":
+    if name in ("head/kernel", "head_dist/kernel"):
         return ("r" if cfg.representation_size else "d", None)
-    if name == "head/bias":
+    if name in ("head/bias", "head_dist/bias"):
         return (None,)
     if name == "pre_logits/kernel":
         return ("d", "r")
     if name == "pre_logits/bias":
         return ("r",)
+    # The blocks' attention is attention_dim wide ('hd'); the MAP head's is the model's width ('hw').
+    columns = "hw" if name.startswith("map_head/") else "hd"
     if layer in ("query", "key", "value"):
-        return ("d", "hd") if leaf == "kernel" else ("hd",)
+        return ("d", columns) if leaf == "kernel" else (columns,)
     if layer in ("q_norm", "k_norm"):
         return (None,)
     if layer == "out":
-        return ("hd", "d") if leaf == "kernel" else ("d",)
+        return (columns, "d") if leaf == "kernel" else ("d",)
     if layer in ("talk_logits", "talk_weights"):
         return ("h", "h") if leaf == "kernel" else ("h",)
     hidden = "c" if name.startswith("class_blocks/") else "m"
@@ -49,7 +56,9 @@ def _param_axes(cfg: ViTConfig, name: str) -> tuple:
         return ("d", hidden) if leaf == "kernel" else (hidden,)
     if layer == "fc2":
         return (hidden, "d") if leaf == "kernel" else ("d",)
-    return ("d",)  # tokens, norms, layer scales, biases on the residual stream, the MAP probe
+    # cls/dist tokens, norms (pre_norm included), layer scales, biases on the residual stream
+    # (patch_embed, out, fc2), the MAP probe
+    return ("d",)
 
 
 def _value_axes(cfg: ViTConfig, name: str, ndim: int) -> tuple:
@@ -65,15 +74,18 @@ def _value_axes(cfg: ViTConfig, name: str, ndim: int) -> tuple:
 
 
 def random_relabeling(cfg: ViTConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random permutations of every label. The channels keep their order under a sincos2d
-    position embedding, which is a fixed function of the channel index."""
+    """Random permutations of every label. The channels keep their order under a fixed position
+    embedding (sincos2d, sinusoidal_1d/2d), a function of the channel index. The heads permute the
+    `attention_dim` q/k/v columns in blocks of head_dim."""
     heads = rng.permutation(cfg.num_heads)
+    map_head_dim = cfg.width // cfg.num_heads  # the MAP head's (pool 'map' needs heads | width)
     return {
-        "d": np.arange(cfg.width) if cfg.posemb == "sincos2d" else rng.permutation(cfg.width),
+        "d": np.arange(cfg.width) if cfg.posemb in FIXED_POSEMBS else rng.permutation(cfg.width),
         "m": rng.permutation(cfg.mlp_dim),
         "c": rng.permutation(cfg.class_attention_mlp_dim or 1),
         "h": heads,
         "hd": (heads[:, None] * cfg.head_dim + np.arange(cfg.head_dim)).reshape(-1),
+        "hw": (heads[:, None] * map_head_dim + np.arange(map_head_dim)).reshape(-1),
         "r": rng.permutation(cfg.representation_size or 1),
     }
 

@@ -14,7 +14,10 @@ compiling (about a second on 2 CPU cores) is most of the cost, so each test comp
 numbers behind the low-precision rows of the tolerance table); `--cait` draws CaiT cases.
 
 CaiT (`class_attention_depth > 0`, backends.flax_vit.CaiT) runs through the same checks on its own
-strategy (`cait_cases`), a few examples each: its compiles cost as much as the ViT's.
+strategy (`cait_cases`), a few examples each: its compiles cost as much as the ViT's. The ViT
+families' knobs run through the float32 check on seven of the hand-picked `FAMILY_LOWP_CASES`
+(cases.py), which together cover every family parameter, and the bfloat16 check on four; a max
+pool's gradient is compared where its top two tokens keep a margin (cases.max_pool_routes_agree).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from backends.flax_vit import (
     to_reference,
 )
 from parity_tests.cases import (
+    FAMILY_BFLOAT16_FORWARD_ONLY,
+    FAMILY_LOWP_CASES,
     LABEL_SMOOTHING,
     Case,
     as_float64,
@@ -49,6 +54,18 @@ from parity_tests.tolerances import assert_close_f64
 
 # CaiT examples per test: each compiles one or two XLA programs (~2.5 s on 2 cores).
 CAIT_EXAMPLES = 3
+# The families' float32 check (~3 s a compile) on every cases.FAMILY_LOWP_CASES model but the
+# distilled one without heads (its pooled mean and pre-norm are on other models here and in torch).
+FAMILY_FLOAT32_CASES = tuple(name for name in FAMILY_LOWP_CASES if name != "distilled-no-head-prenorm")
+# The families' bfloat16 check (~4 s a compile) on the cases.FAMILY_LOWP_CASES whose knobs change
+# the bfloat16 computation most: the sum pool and the biasless blocks, DeiT's two heads,
+# attention_dim, the MAP head, a max pool whose gradient bfloat16 can bound.
+FAMILY_BFLOAT16_CASES = (
+    "quick-prenorm-nobias-sum-nohead-sinusoidal2d",
+    "distilled-attention-dim-registers-sinusoidal1d",
+    "map-prefix-attention-dim",
+    "max-two-tokens-bfloat16-margin",
+)
 
 
 def flax_named_and_grads(case: Case, dtype) -> tuple[dict, dict]:
@@ -95,10 +112,11 @@ def check_float64(case: Case) -> None:
     assert_close_f64(grads, ref_grads, "grad")
 
 
-def check_float32(case: Case) -> None:
+def check_float32(case: Case) -> bool:
+    """Returns whether the gradients were compared (cases.assert_float32_close)."""
     named, grads = flax_named_and_grads(case, np.float32)
     assert all(v.dtype == np.float32 for v in named.values())
-    assert_float32_close(case, named, grads)
+    return assert_float32_close(case, named, grads)
 
 
 def check_explicit_attention_float32(case: Case) -> None:
@@ -110,9 +128,9 @@ def check_explicit_attention_float32(case: Case) -> None:
     assert_float32_close(case, named, grads)
 
 
-def check_bfloat16(case: Case) -> None:
+def check_bfloat16(case: Case) -> bool:
     named, grads = bfloat16_named_and_grads(case)
-    assert_bfloat16_close(case, named, grads)
+    return assert_bfloat16_close(case, named, grads)
 
 
 @given(cases)
@@ -166,6 +184,24 @@ def test_cait_explicit_attention_path_float32_error_within_k_of_reference_own(ca
 @given(cait_cases)
 def test_cait_bfloat16_error_within_k_of_reference_own(case):
     check_bfloat16(case)
+
+
+@pytest.mark.low_precision
+@pytest.mark.parametrize("name", FAMILY_FLOAT32_CASES)
+def test_families_float32_error_within_k_of_reference_own(name):
+    assert check_float32(FAMILY_LOWP_CASES[name]), "the max pool's margin is chosen to compare gradients"
+
+
+@pytest.mark.low_precision
+def test_families_explicit_attention_path_float32_error_within_k_of_reference_own():
+    # attention_dim != width (heads 6 wide at width 16) through the explicit attention as well.
+    check_explicit_attention_float32(FAMILY_LOWP_CASES["distilled-attention-dim-registers-sinusoidal1d"])
+
+
+@pytest.mark.low_precision
+@pytest.mark.parametrize("name", FAMILY_BFLOAT16_CASES)
+def test_families_bfloat16_error_within_k_of_reference_own(name):
+    assert check_bfloat16(FAMILY_LOWP_CASES[name]) or name in FAMILY_BFLOAT16_FORWARD_ONLY
 
 
 def bfloat16_named_and_grads(case: Case) -> tuple[dict, dict]:

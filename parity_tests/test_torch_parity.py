@@ -12,7 +12,9 @@ reference's own bfloat16 error, float64 math on parameters and images rounded to
 CaiT (`class_attention_depth > 0`, backends.torch_vit.Cait) runs through the same checks on its
 own strategy (`cait_cases`), with a smaller example budget; the ViT families' knobs (quick GELU,
 pre-norm, the optional biases and final norm, the token pools, DeiT's distillation token,
-attention_dim, Scenic's posembs) through the float64 check on `family_cases`.
+attention_dim, Scenic's posembs) through the float64 check on `family_cases`, and the float32 and
+bfloat16 checks on the hand-picked `FAMILY_LOWP_CASES` and a few drawn `family_cases`. A max
+pool's gradient is compared where its top two tokens keep a margin (cases.max_pool_routes_agree).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from hypothesis import strategies as st
 import vitspec
 from backends.torch_vit import from_reference, model_for, to_reference
 from parity_tests.cases import (
+    FAMILY_BFLOAT16_FORWARD_ONLY,
+    FAMILY_LOWP_CASES,
     LABEL_SMOOTHING,
     Case,
     assert_bfloat16_close,
@@ -34,16 +38,20 @@ from parity_tests.cases import (
     cait_cases,
     cases,
     family_cases,
+    top_token_margin,
     uses_cross_entropy,
 )
-from parity_tests.strategies import configs, family_configs, random_params
+from parity_tests.strategies import SMALL_FIELDS, configs, family_configs, random_params
 from parity_tests.tolerances import assert_close_f64
+from vitspec.config import ViTConfig
 
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 # CaiT examples per test: on top of the ViT's, a few cover its knobs (~0.1 s each).
 CAIT_EXAMPLES = 12
 # The families' knobs: one float64 check (~0.3 s of CPU each).
 FAMILY_EXAMPLES = 15
+# Drawn families' cases per low-precision test, on top of FAMILY_LOWP_CASES.
+FAMILY_LOWP_EXAMPLES = 8
 
 
 def torch_model(cfg, params, dtype) -> torch.nn.Module:
@@ -116,14 +124,15 @@ def check_float64(case: Case) -> None:
     assert_close_f64(grads, ref_grads, "grad")
 
 
-def check_float32(case: Case) -> None:
+def check_float32(case: Case) -> bool:
+    """Returns whether the gradients were compared (cases.assert_float32_close)."""
     named, grads = torch_named_and_grads(case, np.float32)
-    assert_float32_close(case, named, grads)
+    return assert_float32_close(case, named, grads)
 
 
-def check_bfloat16(case: Case) -> None:
+def check_bfloat16(case: Case) -> bool:
     named, grads = bf16_autocast_named_and_grads(case)
-    assert_bfloat16_close(case, named, grads)
+    return assert_bfloat16_close(case, named, grads)
 
 
 @given(cases)
@@ -167,6 +176,46 @@ def test_cait_bfloat16_autocast_error_within_k_of_reference_own(case):
 @given(family_cases)
 def test_families_float64_matches_reference(case):
     check_float64(case)
+
+
+@pytest.mark.low_precision
+@pytest.mark.parametrize("name", FAMILY_LOWP_CASES)
+def test_families_float32_error_within_k_of_reference_own(name):
+    assert check_float32(FAMILY_LOWP_CASES[name]), "the max pool's margin is chosen to compare gradients"
+
+
+@pytest.mark.low_precision
+@pytest.mark.parametrize("name", FAMILY_LOWP_CASES)
+def test_families_bfloat16_autocast_error_within_k_of_reference_own(name):
+    assert check_bfloat16(FAMILY_LOWP_CASES[name]) or name in FAMILY_BFLOAT16_FORWARD_ONLY
+
+
+@pytest.mark.low_precision
+def test_max_pool_near_tie_is_compared_forward_only():
+    # Two patches 3e-7 apart and no posemb: the pooled tokens are closer than float32 rounding, so
+    # each rounding routes the max pool's gradient to either, the reference's relabeled ones too
+    # (their own error on the images' gradient is O(1), a yardstick that bounds nothing). The
+    # gradients are not compared; the forward is, a max being 1-Lipschitz.
+    cfg = ViTConfig(**SMALL_FIELDS | dict(image_size=(2, 4), patch_size=2, pool="max", posemb="none"))
+    case = Case(cfg, seed=0, batch=2)
+    noise = np.random.default_rng(0).standard_normal(case.images[:, :, :2].shape)
+    case.images[:, :, 2:] = case.images[:, :, :2] + 3e-7 * noise
+    assert top_token_margin(cfg, case.reference(np.float64)[0]["encoded"]) < 1e-6
+    assert not check_float32(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=FAMILY_LOWP_EXAMPLES)
+@given(family_cases)
+def test_drawn_families_float32_error_within_k_of_reference_own(case):
+    check_float32(case)
+
+
+@pytest.mark.low_precision
+@settings(max_examples=FAMILY_LOWP_EXAMPLES)
+@given(family_cases)
+def test_drawn_families_bfloat16_autocast_error_within_k_of_reference_own(case):
+    check_bfloat16(case)
 
 
 @given(
