@@ -376,6 +376,20 @@ def test_fine_tuning_from_a_converted_checkpoint_is_the_same_run_in_both_backend
         np.testing.assert_allclose(torch_params[name], flax_params[name], rtol=0, atol=atol, err_msg=name)
 
 
+def test_init_compares_the_family_knobs_and_reinitializes_both_heads(tmp_path):
+    from vitspec.app.training.init import fine_tuning_start
+
+    clip_stem = dict(pre_norm=True, patch_bias=False)  # as timm builds it
+    path, model, _ = fine_tuning_source(tmp_path, distilled=True, **clip_stem)
+    differences = r"3 difference\(s\)\): pre_norm: file True, model False; patch_bias"
+    with pytest.raises(ValueError, match=differences):
+        fine_tuning_start(model, path)
+    params, notes = fine_tuning_start(model.replace(distilled=True, **clip_stem), path)
+    assert "head re-initialized at zero: 5 -> 10 classes" in notes[-1]
+    for name in ("head/kernel", "head/bias", "head_dist/kernel", "head_dist/bias"):
+        assert params[name].shape[-1] == 10 and not params[name].any(), name
+
+
 def test_init_refuses_another_architecture_listing_every_difference(data_dir, tmp_path):
     path, _, _ = fine_tuning_source(tmp_path, depth=2, qkv_bias=False)
     with pytest.raises(

@@ -81,7 +81,7 @@ class ViTConfig:
     the mean of both heads' logits (DeiT at inference; with `num_classes=0`, the mean of the two
     tokens). `attention_dim` (default `width`) is heads x head width of the blocks' attention,
     free of the model width (vit-flax `heads * dim_head`). `posemb` "sinusoidal_1d" and
-    "sinusoidal_2d" are Scenic's fixed embeddings, "sincos2d" big_vision's (SPEC.md section 3).
+    "sinusoidal_2d" are Scenic's fixed embeddings, "sincos2d" big_vision's (SPEC.md section 2).
 
     CaiT (Touvron et al. 2021, arXiv:2103.17239): `talking_heads` mixes the attention logits across
     heads before the softmax and the weights after it (two learned heads x heads maps with biases);

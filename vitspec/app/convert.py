@@ -3,8 +3,11 @@
     vitspec convert vit.npz vit.pt                  # big_vision -> timm state dict
     vitspec convert model.pt model.npz --to flax --image-size 384 --check
 
-Formats: ref (vitspec's own .safetensors/.npz), torch (timm), flax (big_vision), vit_jax
-(google-research/vision_transformer), hf (transformers ViT). The source format is detected from
+Formats: ref (vitspec's own .safetensors/.npz), torch (timm, its DeiT/CLIP/DINOv2-style models
+too), flax (the flax backend's big_vision-style tree), big_vision and big_vision_scan (what
+big_vision's models/vit.py runs; SigLIP image towers read), vit_jax
+(google-research/vision_transformer), hf and hf4 (transformers ViT), hf_deit, hf_clip, hf_siglip,
+hf_dinov2 (the transformers families), scenic, vit_flax, tutorial. The source format is detected from
 the file's keys (a directory is a transformers one, whose config.json settles what it states); the
 config from its names and shapes. What a file cannot show (heads in torch layouts, the GELU form,
 LayerNorm epsilon, a posemb that is no parameter, a non-square grid) comes from flags or the source

@@ -13,6 +13,7 @@ convention, a warning says so.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,15 @@ from vitspec.posemb import resample_model
 
 # Fields that fix the computation, compared between the file and the model (image size and class
 # count are bridged; the rates are training randomness; LayerScale's init value is not stored).
-ARCHITECTURE = (
-    "patch_size", "in_channels", "width", "depth", "num_heads", "mlp_dim", "pool", "class_token",
-    "posemb", "posemb_on_cls", "fc_norm", "representation_size", "qkv_bias", "qk_norm", "num_registers",
-    "gelu", "ln_eps",
+# What fine-tuning may change: the resolution (the posemb is resampled), the classes (the heads are
+# re-initialized), the training randomness, LayerScale's init value (stored in no file). Every other
+# field is the architecture, which must be the file's.
+FINE_TUNING_CHANGES = (
+    "image_size", "num_classes", "dropout", "attention_dropout", "stochastic_depth", "drop_path_schedule",
+    "layer_scale",
 )  # fmt: skip
+ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ViTConfig) if f.name not in FINE_TUNING_CHANGES)
+HEADS = ("head/", "head_dist/")
 
 
 def fine_tuning_start(
@@ -37,8 +42,15 @@ def fine_tuning_start(
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """(float32 reference params for `cfg`, notes on what was loaded, resampled and re-initialized).
     `resample` (vitspec.posemb's methods) overrides the source format's own resampling."""
+    # What a file may not show, as the model has it (a file that shows otherwise is refused).
     model_values = dict(
-        heads=cfg.num_heads, gelu=cfg.gelu, ln_eps=cfg.ln_eps, posemb=cfg.posemb, pool=cfg.pool
+        heads=cfg.num_heads,
+        gelu=cfg.gelu,
+        ln_eps=cfg.ln_eps,
+        posemb=cfg.posemb,
+        pool=cfg.pool,
+        pool_include_prefix=cfg.pool_include_prefix,
+        patch_size=cfg.patch_size,
     )
     try:
         loaded = load_with_notes(path, **model_values)
@@ -69,10 +81,10 @@ def fine_tuning_start(
         source, params, note = _resampled(source, params, cfg.image_size, loaded.fmt, resample, path)
         notes.append(note)
     if source.num_classes != cfg.num_classes:
-        params = {k: v for k, v in params.items() if not k.startswith("head/")}
-        if cfg.num_classes:
-            params["head/kernel"] = np.zeros((cfg.feature_dim, cfg.num_classes))
-            params["head/bias"] = np.zeros((cfg.num_classes,))
+        params = {k: v for k, v in params.items() if not k.startswith(HEADS)}
+        for head in HEADS[: 1 + cfg.distilled] if cfg.num_classes else ():
+            params[f"{head}kernel"] = np.zeros((cfg.feature_dim, cfg.num_classes))
+            params[f"{head}bias"] = np.zeros((cfg.num_classes,))
         notes.append(f"head re-initialized at zero: {source.num_classes} -> {cfg.num_classes} classes")
     return {k: np.asarray(v, np.float32) for k, v in params.items()}, notes
 
@@ -87,8 +99,7 @@ def _resampled(
     if resample is None and fmt not in SOURCE_METHOD:
         raise ValueError(
             f"--init {path}: a {fmt} checkpoint's ecosystem has no position-embedding resampling to follow; "
-            f"resample it with `vitspec convert --image-size {image_size[0]},{image_size[1]} --resample "
-            f"{'|'.join(RESAMPLE_CHOICES)}` and start from the result"
+            f"choose one with --resample {'|'.join(RESAMPLE_CHOICES)}"
         )
     method, how = resample_method(fmt, resample)
     source, params = resample_model(source, params, image_size, method)
