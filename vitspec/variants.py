@@ -62,6 +62,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_classes=10,
         pool="token",
     ),
+    # The main job's model (a few minutes on 2 CPU cores): patch 7 gives 16 tokens, ~3x cheaper
+    # per image than patch 4's 49, so more epochs fit the time; GAP and the fixed sincos2d posemb
+    # (Beyer et al. 2022, arXiv:2205.01580) learn faster than a class token and a learned posemb
+    # (Fashion-MNIST test top-1 after 1 epoch: 72.8% vs 67.0%).
+    "fmnist-fast": dict(
+        image_size=28,
+        patch_size=7,
+        in_channels=1,
+        width=128,
+        depth=4,
+        num_heads=4,
+        mlp_dim=256,
+        num_classes=10,
+        pool="gap",
+        posemb="sincos2d",
+    ),
 }
 
 # CaiT, Table 1 of Touvron et al. 2021 (arXiv:2103.17239), as timm's cait.py builds the released
