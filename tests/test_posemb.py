@@ -218,14 +218,15 @@ def test_the_resampling_check_fails_on_a_wrong_posemb():
         check_resampling(SMALL, params["pos_embed"], big, resampled["pos_embed"], "timm", "float64", out)
 
 
-def test_fine_tuning_from_a_format_without_resampling_says_how_to_resample_it(tmp_path, monkeypatch):
+def test_fine_tuning_from_a_format_without_resampling_asks_for_the_method(tmp_path, monkeypatch):
     from vitspec.app import resampling
     from vitspec.app.training.init import fine_tuning_start
     from vitspec.formats import save_any
 
     save_any(tmp_path / "m.pt", "torch", SMALL, random_params(SMALL, 1))
     monkeypatch.delitem(resampling.SOURCE_METHOD, "torch")  # a format whose code never resamples
-    with pytest.raises(
-        ValueError, match=r"--image-size 8,12 --resample big_vision\|timm\|hf` and start from"
-    ):
-        fine_tuning_start(SMALL.replace(image_size=(8, 12)), tmp_path / "m.pt")
+    bigger = SMALL.replace(image_size=(8, 12))
+    with pytest.raises(ValueError, match=r"no position-embedding resampling to follow; choose one with "):
+        fine_tuning_start(bigger, tmp_path / "m.pt")
+    params, notes = fine_tuning_start(bigger, tmp_path / "m.pt", "timm")
+    assert "resampled" in notes[1] and params["pos_embed"].shape[0] == bigger.posemb_length
