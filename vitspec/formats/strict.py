@@ -70,25 +70,34 @@ def _listed(names: list[str]) -> str:
     return f"{', '.join(names[:LISTED_NAMES])} and {len(names) - LISTED_NAMES} more"
 
 
+# The other values a note's field could take without parameters the file would show (an attention
+# pool has them): a note is settled when the format expresses none of them for this checkpoint.
+_PARAMETER_FREE = {
+    "pool": (tuple(p for p in POOLS if p != "map"), "pooling"),
+    "pool_include_prefix": ((False, True), "pool_include_prefix"),
+}
+
+
 def settled_by_format(layout: Format, cfg: ViTConfig, note: Note) -> Note:
     """`note`, settled if its value is the only one the format expresses for this checkpoint."""
-    if note.keyword == "pool_include_prefix" and note.settle is not None:
-        if layout.cannot_express(cfg.replace(pool_include_prefix=not cfg.pool_include_prefix)):
-            reading = f"pool_include_prefix {cfg.pool_include_prefix}"
-            return Note(note.keyword, reading, f"the only one a {layout.name} model has")
+    if note.keyword not in _PARAMETER_FREE or note.settle is None:
         return note
-    if note.keyword != "pool" or note.settle is None:
-        return note
-    for pool in POOLS:
-        if pool in (cfg.pool, "map"):  # an attention pool would have parameters
+    value = getattr(cfg, note.keyword)
+    others, what = _PARAMETER_FREE[note.keyword]
+    for other in others:
+        if other == value:
             continue
         try:
-            other = cfg.replace(pool=pool)
-        except ValueError:  # pool 'token' without a class token
+            alternative = cfg.replace(**{note.keyword: other})
+        except ValueError:  # pool 'token' without a class token, ...
             continue
-        if not layout.cannot_express(other):
+        if not layout.cannot_express(alternative):
             return note
-    return Note("pool", f"pool {cfg.pool}", f"the only pooling a {layout.name} model of these parameters has")
+    return Note(
+        note.keyword,
+        f"{note.keyword} {value}",
+        f"the only {what} a {layout.name} model of these parameters has",
+    )
 
 
 def unsettled(notes: list[Note]) -> list[str]:
