@@ -5,7 +5,8 @@ recipe is exercised: linear warmup then cosine decay, clipping that clips on som
 on others, weight decay on kernels only, label smoothing. The reference trajectory is a NumPy loop
 of `vitspec.loss_and_grad` and `recipe.adamw_step` on `datasets.normalize`d batches; each
 backend must follow it (per-step losses to 1e-9 relative, final parameters to 1e-8 of each
-tensor's scale), so they follow each other.
+tensor's scale), so they follow each other. The same holds with RandAugment, Mixup and CutMix on
+(the pipeline mixes the uint8 batch; the backends weigh the loss over its two labels).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from backends.torch_vit import train as torch_train
 from backends.torch_vit.train import TorchBackend
 from parity_tests.tolerances import tree_rel_errs
 from vitspec.app import datasets, pipeline
+from vitspec.app.mixing import Mixing
+from vitspec.app.randaugment import RandAugment
 from vitspec.app.training import normalization_table
 from vitspec.recipe import AdamState, Recipe, adamw_step, clip_scale, global_norm, learning_rate
 
@@ -74,10 +77,10 @@ def reference_trajectory() -> tuple[list[float], list[float], dict[str, np.ndarr
     return losses, norms, params
 
 
-def backend_trajectory(backend) -> tuple[list[float], dict[str, np.ndarray]]:
+def backend_trajectory(backend, stream=batches) -> tuple[list[float], dict[str, np.ndarray]]:
     losses = []
-    for step, batch in enumerate(batches()):
-        loss, _ = backend.train_step(batch.images, batch.labels, learning_rate(step, RECIPE))
+    for step, batch in enumerate(stream()):
+        loss, _ = backend.train_step(batch.images, batch.labels, learning_rate(step, RECIPE), batch.mix)
         losses.append(float(loss))
     return losses, backend.reference_params()
 
@@ -210,3 +213,78 @@ def test_cait_with_every_rate_torch_and_flax_follow_each_other():
     # The masks matter: the trajectory is not the eval-mode one.
     ref_losses, _ = cait_reference_trajectory()
     assert max_loss_rel(torch_losses, ref_losses) > 1e-3
+
+
+# RandAugment, Mixup and CutMix on, with both kinds of mixing among the 20 batches (checked below).
+# The reference takes the mixed batches' gradient as weight * grad(labels) + (1 - weight) *
+# grad(partner labels): the gradient of the weighted loss.
+MIXED_AUGMENTATION = pipeline.Augmentation(
+    crop_padding=1, horizontal_flip=True, randaugment=RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+)
+MIXING = Mixing(mixup_alpha=0.8, cutmix_alpha=1.0)
+
+
+@functools.cache
+def mixed_batches() -> list[pipeline.TrainBatch]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, CFG.num_classes, size=64)
+    state = pipeline.LoaderState(seed=SEED)
+    stream = pipeline.train_batches(images, labels, 8, state, MIXED_AUGMENTATION, mixing=MIXING)
+    return [next(stream) for _ in range(STEPS)]
+
+
+@functools.cache
+def mixed_reference_trajectory() -> tuple[list[float], dict[str, np.ndarray]]:
+    params = vitspec.init_params(CFG, SEED, dtype=np.float64)
+    state = AdamState.zeros_like(params)
+    losses = []
+    for batch in mixed_batches():
+        images = datasets.normalize(batch.images, STATS.mean, STATS.std).astype(np.float64)
+        weight = batch.mix.weight
+        own, own_grads = vitspec.loss_and_grad(CFG, params, images, batch.labels, RECIPE.label_smoothing)
+        partner, partner_grads = vitspec.loss_and_grad(
+            CFG, params, images, batch.mix.partner_labels, RECIPE.label_smoothing
+        )
+        grads = {k: weight * own_grads[k] + (1 - weight) * partner_grads[k] for k in params}
+        losses.append(weight * float(own) + (1 - weight) * float(partner))
+        params, state = adamw_step(params, grads, state, RECIPE)
+    return losses, params
+
+
+@functools.cache
+def mixed_trajectory(backend: str):
+    params = vitspec.init_params(CFG, SEED, dtype=np.float64)
+    table = normalization_table(STATS)
+    if backend == "torch":
+        return backend_trajectory(
+            TorchBackend(CFG, params, RECIPE, table, "fp64", SEED, device="cpu"), mixed_batches
+        )
+    with jax.enable_x64(True):
+        return backend_trajectory(FlaxBackend(CFG, params, RECIPE, table, "fp64", SEED), mixed_batches)
+
+
+def test_mixed_batches_hold_both_kinds_of_mixing():
+    # A CutMix weight is a whole number of 64ths (the box's share of 8x8 pixels); a Mixup weight
+    # almost never is.
+    weights = [batch.mix.weight for batch in mixed_batches()]
+    box_like = [w * 64 == round(w * 64) for w in weights]
+    assert any(box_like) and not all(box_like)
+    plain = batches()
+    assert not np.array_equal(mixed_batches()[0].images, plain[0].images)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_with_randaugment_mixup_and_cutmix_each_backend_follows_the_reference(backend):
+    ref_losses, ref_params = mixed_reference_trajectory()
+    losses, params = mixed_trajectory(backend)
+    assert max_loss_rel(losses, ref_losses) <= LOSS_REL
+    assert max_param_rel(params, ref_params) <= PARAM_REL
+    assert max_loss_rel(losses, reference_trajectory()[0]) > 1e-3  # another trajectory than unmixed
+
+
+def test_with_randaugment_mixup_and_cutmix_torch_and_flax_follow_each_other():
+    torch_losses, torch_params = mixed_trajectory("torch")
+    flax_losses, flax_params = mixed_trajectory("flax")
+    assert max_loss_rel(torch_losses, flax_losses) <= LOSS_REL
+    assert max_param_rel(torch_params, flax_params) <= PARAM_REL

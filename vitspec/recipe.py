@@ -17,8 +17,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
+
+
+class MixedLabels(NamedTuple):
+    """A Mixup/CutMix batch's targets (vitspec.app.mixing): the loss is weight * CE(labels) + (1 - weight)
+    * CE(partner_labels), each with the recipe's label smoothing; top-1 accuracy counts the own labels."""
+
+    partner_labels: np.ndarray  # int64 [B]: the label of the image each row was mixed with
+    weight: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,13 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
+def mixed_cross_entropy(logits, labels, partner_labels, weight, label_smoothing: float = 0.0):
+    """A Mixup/CutMix batch's loss (vitspec.app.mixing): weight * CE(labels) + (1 - weight) *
+    CE(partner_labels), each label-smoothed; at weight 1 exactly `cross_entropy(logits, labels)`."""
+    own = cross_entropy(logits, labels, label_smoothing)
+    return weight * own + (1 - weight) * cross_entropy(logits, partner_labels, label_smoothing)
+
+
 def make_loss_and_grad(
     module: VisionTransformer, *, label_smoothing: float = 0.0, wrt_images: bool = False
 ) -> Callable:

@@ -9,7 +9,9 @@ corrections in host float64 like the reference. bf16 runs the module in bfloat16
 parameters, moments and loss.
 
 The training step's loss is `backends.flax_vit.loss.cross_entropy`, the one the parity tests
-hold equal to `vitspec.loss_and_grad`. Dropout and stochastic-depth masks come from
+hold equal to `vitspec.loss_and_grad`, weighted over a Mixup/CutMix batch's two labels
+(`mixed_cross_entropy`; weight 1 and the labels themselves as partners when a batch is not mixed,
+so one compiled step serves both). Dropout and stochastic-depth masks come from
 `vitspec.masks`' hash of (seed, step, site, global example, element) (backends/flax_vit/masks.py),
 the PyTorch backend's masks bit for bit.
 
@@ -31,12 +33,12 @@ from flax import traverse_util
 from backends.flax_vit import sharding
 from backends.flax_vit.cait import module_for
 from backends.flax_vit.convert import from_reference, mapping, to_reference
-from backends.flax_vit.loss import cross_entropy
+from backends.flax_vit.loss import mixed_cross_entropy
 from backends.flax_vit.masks import counter_masks
 from backends.flax_vit.model import VisionTransformer
 from vitspec import masks
 from vitspec.config import ViTConfig
-from vitspec.recipe import AdamState, Recipe, clip_scale, decays
+from vitspec.recipe import AdamState, MixedLabels, Recipe, clip_scale, decays
 
 # precision -> (computation dtype, parameter dtype)
 DTYPES = {
@@ -89,7 +91,7 @@ class FlaxBackend:
         replicated, batch = self.parallel.replicated, self.parallel.batch
         self._train_step = jax.jit(
             partial(train_step, self.module, recipe, decay_mask(cfg)),
-            in_shardings=(replicated,) * 3 + (batch, batch) + (replicated,) * 3,
+            in_shardings=(replicated,) * 3 + (batch,) * 3 + (replicated,) * 3,
             out_shardings=(replicated,) * 5,
             donate_argnums=(0, 1, 2),
         )
@@ -97,19 +99,28 @@ class FlaxBackend:
             self._eval_logits, in_shardings=(replicated, batch, replicated), out_shardings=batch
         )
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float):
-        """One step on this process's rows of the global batch; the loss and count are the global batch's."""
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float, mix: MixedLabels | None = None):
+        """One step on this process's rows of the global batch; the loss and count are the global batch's.
+        With `mix` (Mixup/CutMix) the loss weighs the two labels; top-1 counts `labels`."""
         self.step += 1
         recipe, t = self.recipe, self.step
+        partner_labels, mix_weight = (labels, 1.0) if mix is None else mix
         hyper = {
             name: np.asarray(value, self.params_dtype)
-            for name, value in {"lr": lr, "bias1": 1 - recipe.beta1**t, "bias2": 1 - recipe.beta2**t}.items()
+            for name, value in {
+                "lr": lr,
+                "bias1": 1 - recipe.beta1**t,
+                "bias2": 1 - recipe.beta2**t,
+                "mix_weight": mix_weight,
+            }.items()
         }
         # The masks of step t - 1: a function of (seed, step), so resuming needs no RNG state.
         hyper, key = self.parallel.replicate((hyper, np.uint32(masks.step_key(self.seed, t - 1))))
-        images, labels = (self.parallel.global_batch(a) for a in (images, labels))
+        images, labels, partner_labels = (
+            self.parallel.global_batch(a) for a in (images, labels, partner_labels)
+        )
         self.params, self.mu, self.nu, loss, correct = self._train_step(
-            self.params, self.mu, self.nu, images, labels, self.table, hyper, key
+            self.params, self.mu, self.nu, images, labels, partner_labels, self.table, hyper, key
         )
         return loss, correct
 
@@ -156,6 +167,7 @@ def train_step(
     nu,
     images,
     labels,
+    partner_labels,
     table,
     hyper: dict,
     step_key,
@@ -167,7 +179,10 @@ def train_step(
         x = normalize(images, table, module.dtype)
         with counter_masks(step_key):
             logits = module.apply({"params": p}, x, train=True)
-        return cross_entropy(logits, labels, recipe.label_smoothing), logits
+        loss = mixed_cross_entropy(
+            logits, labels, partner_labels, hyper["mix_weight"], recipe.label_smoothing
+        )
+        return loss, logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))

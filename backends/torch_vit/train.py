@@ -4,7 +4,8 @@ The flags, data, schedule and checkpoints are `vitspec.app.training`'s; this mod
 `Backend`: the recipe's clip written out by hand (torch's `clip_grad_norm_` divides by
 norm + 1e-6, the recipe by norm; see vitspec/recipe.py), then torch's fused AdamW with weight decay
 masked on the reference names through the converter's table, label smoothing via F.cross_entropy
-(the same targets (1 - e) onehot + e / K). On a GPU the step runs under bfloat16 autocast; on the
+(the same targets (1 - e) onehot + e / K), weighted over a Mixup/CutMix batch's two labels as
+vitspec.app.mixing says. On a GPU the step runs under bfloat16 autocast; on the
 CPU in float32. torch.compile is not used: the model compiles without graph breaks
 (tests/test_torch_model.py), but on CPU the compiled training step was slower (S/16 batch 16:
 5.6 vs 6.0 img/s after a 26 s compile; the 32 px CIFAR model: no gain after 17 s), the step
@@ -37,7 +38,7 @@ from backends.torch_vit.cait import model_for
 from backends.torch_vit.convert import from_reference, mapping_table, to_reference
 from backends.torch_vit.masks import CounterMasks
 from vitspec.config import ViTConfig
-from vitspec.recipe import AdamState, Recipe, clip_scale, decays
+from vitspec.recipe import AdamState, MixedLabels, Recipe, clip_scale, decays
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.float32}  # bf16: fp32 params, autocast
 
@@ -129,10 +130,11 @@ class TorchBackend:
             return (model or self.model)(self.normalize(images))
 
     def train_step(
-        self, images: np.ndarray, labels: np.ndarray, lr: float
+        self, images: np.ndarray, labels: np.ndarray, lr: float, mix: MixedLabels | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on this rank's rows of the global batch (rows rank * n ... of it); the loss and
-        count returned are the global batch's."""
+        count returned are the global batch's. With `mix` (Mixup/CutMix), the loss is
+        mix.weight * CE(labels) + (1 - mix.weight) * CE(mix.partner_labels); top-1 counts `labels`."""
         self.model.train()
         targets = torch.from_numpy(labels).to(self.device)
         with CounterMasks(self.seed, self.step, first_example=self.rank * len(labels)):
@@ -140,6 +142,10 @@ class TorchBackend:
         # At least float32: a bfloat16 log-softmax would lose the loss to rounding.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
+        if mix is not None:
+            partners = torch.from_numpy(mix.partner_labels).to(self.device)
+            partner_loss = F.cross_entropy(logits, partners, label_smoothing=self.recipe.label_smoothing)
+            loss = mix.weight * loss + (1 - mix.weight) * partner_loss
         loss.backward()  # under DDP: the gradients averaged over the ranks
         self.apply_update({name: p.grad for name, p in self.params.items()}, lr)
         correct = (logits.argmax(-1) == targets).sum()

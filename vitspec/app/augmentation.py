@@ -1,5 +1,6 @@
-"""Augmentation in NumPy: random crops with padding, flips, random resized crops; pure functions of a
-Generator, so the pipeline seeds each batch's draws by (seed, epoch, step)."""
+"""Augmentation in NumPy: random crops with padding, flips, random resized crops, then RandAugment
+(vitspec.app.randaugment, with Pillow); pure functions of a Generator, so the pipeline seeds each
+batch's draws by (seed, epoch, step)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from vitspec.app.randaugment import RandAugment, rand_augment
 
 INTERPOLATIONS = ("bilinear", "nearest")
 
@@ -39,7 +42,8 @@ class RandomResizedCrop:
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """Training augmentation: a zero-padded random crop (or a random-resized crop) then a flip.
+    """Training augmentation: a zero-padded random crop (or a random-resized crop), a flip, then
+    RandAugment when `randaugment` is given (timm's order).
 
     crop_padding=0 turns the padded crop off; `random_resized_crop` replaces it (so needs
     crop_padding=0).
@@ -48,6 +52,7 @@ class Augmentation:
     crop_padding: int = 4
     horizontal_flip: bool = True
     random_resized_crop: RandomResizedCrop | None = None
+    randaugment: RandAugment | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -177,7 +182,8 @@ def random_resized_crop(
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, augmentation: Augmentation) -> np.ndarray:
-    """Apply `augmentation` to a uint8 NHWC batch; draws crop parameters first, then flips."""
+    """Apply `augmentation` to a uint8 NHWC batch; draws crop parameters first, then flips, then
+    RandAugment's (so turning RandAugment on leaves the crops and flips as they were)."""
     check_batch(images)
     if augmentation.random_resized_crop is not None:
         images = random_resized_crop(images, rng, augmentation.random_resized_crop)
@@ -185,4 +191,6 @@ def augment(images: np.ndarray, rng: np.random.Generator, augmentation: Augmenta
         images = random_crop(images, rng, augmentation.crop_padding)
     if augmentation.horizontal_flip:
         images = random_flip(images, rng)
+    if augmentation.randaugment is not None:
+        images = rand_augment(images, rng, augmentation.randaugment)
     return images

@@ -16,8 +16,10 @@ same for every n: each process augments the whole batch and keeps its rows (augm
 per batch, not per example, so a block cannot be drawn alone; it costs each process what one
 process spends, small beside a training step).
 
-Augmentation is `vitspec.app.augmentation`'s. `python -m vitspec.app.pipeline` measures the augmented-batch
-throughput on this machine.
+Augmentation is `vitspec.app.augmentation`'s; Mixup and CutMix (`vitspec.app.mixing`) mix the
+augmented global batch with draws from their own Generator seeded by (seed, epoch, step), before it
+is split into shards, and the batch carries the mixed targets (`TrainBatch.mix`).
+`python -m vitspec.app.pipeline` measures the augmented-batch throughput on this machine.
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import numpy as np
 
 from vitspec.app.augmentation import NO_AUGMENTATION, Augmentation, RandomResizedCrop, augment, check_batch
+from vitspec.app.mixing import NO_MIXING, Mixing, mix_batch
+from vitspec.app.randaugment import RandAugment
+from vitspec.recipe import MixedLabels
 
-# Stream tags keep the order and augmentation draws independent of each other and of
+# Stream tags keep the order, augmentation and mixing draws independent of each other and of
 # `datasets.split_indices`, though all are seeded by the same small integers.
 _ORDER_STREAM = 1
 _AUGMENT_STREAM = 2
+_MIXING_STREAM = 3
 
 
 def _generator(seed: int, *key: int) -> np.random.Generator:
@@ -77,6 +83,7 @@ class TrainBatch(NamedTuple):
     images: np.ndarray  # uint8 [B, H, W, C] (B / n of them in shard i of n)
     labels: np.ndarray  # int64 [B]
     next_state: LoaderState  # save this to resume after this batch
+    mix: MixedLabels | None = None  # with Mixup/CutMix: the mixed targets (this shard's rows)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -96,9 +103,10 @@ def train_batches(
     state: LoaderState,
     augmentation: Augmentation = NO_AUGMENTATION,
     shard: tuple[int, int] = (0, 1),
+    mixing: Mixing = NO_MIXING,
 ) -> Iterator[TrainBatch]:
-    """Endless augmented training batches from `state` on, epoch after epoch (islice it); with
-    `shard` (i, n), block i of n of each."""
+    """Endless augmented (and with `mixing`, mixed) training batches from `state` on, epoch after epoch
+    (islice it); with `shard` (i, n), block i of n of each."""
     check_batch(images)
     index, count = shard
     if not 0 <= index < count or batch_size % count:
@@ -120,8 +128,14 @@ def train_batches(
             indices = order[step * batch_size : (step + 1) * batch_size]
             rng = _generator(state.seed, _AUGMENT_STREAM, epoch, step)
             next_state = LoaderState(state.seed, epoch + (step + 1) // steps, (step + 1) % steps)
-            augmented = augment(images[indices], rng, augmentation)
-            yield TrainBatch(augmented[rows], labels[indices][rows], next_state)
+            augmented, batch_labels = augment(images[indices], rng, augmentation), labels[indices]
+            if not mixing.enabled:
+                yield TrainBatch(augmented[rows], batch_labels[rows], next_state)
+                continue
+            mixing_rng = _generator(state.seed, _MIXING_STREAM, epoch, step)
+            mixed, mix = mix_batch(augmented, batch_labels, mixing_rng, mixing)
+            shard_mix = MixedLabels(mix.partner_labels[rows], mix.weight)
+            yield TrainBatch(mixed[rows], batch_labels[rows], next_state, shard_mix)
         epoch, first_step = epoch + 1, 0
 
 
@@ -202,6 +216,7 @@ class Prefetcher(Generic[T]):
 
 def measure_throughput(
     augmentation: Augmentation,
+    mixing: Mixing = NO_MIXING,
     *,
     batch_size: int = 128,
     image_shape: Sequence[int] = (32, 32, 3),
@@ -212,7 +227,7 @@ def measure_throughput(
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(num_examples, *image_shape), dtype=np.uint8)
     labels = rng.integers(0, 10, size=num_examples)
-    batches = train_batches(images, labels, batch_size, LoaderState(seed=0), augmentation)
+    batches = train_batches(images, labels, batch_size, LoaderState(seed=0), augmentation, mixing=mixing)
     next(batches)  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
@@ -227,18 +242,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args(argv)
+    crop_flip = Augmentation(crop_padding=4, horizontal_flip=True)
+    randaugment = dataclasses.replace(
+        crop_flip, randaugment=RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+    )
     settings = {
-        "none": NO_AUGMENTATION,
-        "crop+flip": Augmentation(crop_padding=4, horizontal_flip=True),
-        "rrc-bilinear+flip": Augmentation(crop_padding=0, random_resized_crop=RandomResizedCrop()),
-        "rrc-nearest+flip": Augmentation(
-            crop_padding=0, random_resized_crop=RandomResizedCrop(interpolation="nearest")
+        "none": (NO_AUGMENTATION, NO_MIXING),
+        "crop+flip": (crop_flip, NO_MIXING),
+        "rrc-bilinear+flip": (
+            Augmentation(crop_padding=0, random_resized_crop=RandomResizedCrop()),
+            NO_MIXING,
         ),
+        "rrc-nearest+flip": (
+            Augmentation(crop_padding=0, random_resized_crop=RandomResizedCrop(interpolation="nearest")),
+            NO_MIXING,
+        ),
+        "crop+flip+mixup/cutmix": (crop_flip, Mixing(mixup_alpha=0.8, cutmix_alpha=1.0)),
+        "crop+flip+rand-m9-n2-mstd0.5": (randaugment, NO_MIXING),
+        "...+mixup/cutmix": (randaugment, Mixing(mixup_alpha=0.8, cutmix_alpha=1.0)),
     }
-    for name, augmentation in settings.items():
-        rate = measure_throughput(augmentation, batch_size=args.batch_size, steps=args.steps)
+    for name, (augmentation, mixing) in settings.items():
+        rate = measure_throughput(augmentation, mixing, batch_size=args.batch_size, steps=args.steps)
         print(
-            f"{name:>18}: {rate:9.0f} images/s = {rate / args.batch_size:7.1f} batches/s of {args.batch_size}"
+            f"{name:>28}: {rate:9.0f} images/s = {rate / args.batch_size:7.1f} batches/s of {args.batch_size}"
+            f" = {1000 * args.batch_size / rate:6.2f} ms/batch"
         )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from vitspec.app import datasets
 from vitspec.config import ViTConfig
-from vitspec.recipe import Recipe
+from vitspec.recipe import MixedLabels, Recipe
 
 BACKENDS = ("torch", "flax")
 
@@ -27,10 +27,14 @@ class Backend(Protocol):
     """One framework's side of training. Images are uint8 NHWC exactly as the pipeline yields
     them; the backend normalizes them on its device by looking them up in `normalization_table`."""
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[Any, Any]:
+    def train_step(
+        self, images: np.ndarray, labels: np.ndarray, lr: float, mix: MixedLabels | None = None
+    ) -> tuple[Any, Any]:
         """One recipe update at learning rate `lr` on this process's rows of the global batch (all of
         it in one process): (mean loss, number of correct top-1 predictions) over the global batch,
-        each anything `float()` accepts (device scalars are read lazily)."""
+        each anything `float()` accepts (device scalars are read lazily). With `mix` (Mixup/CutMix,
+        vitspec.app.mixing) the loss is mix.weight * CE(labels) + (1 - mix.weight) *
+        CE(mix.partner_labels), each label-smoothed; top-1 counts `labels`."""
 
     def eval_logits(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode logits [N, K] as float32 NumPy; every process passes the same images and gets

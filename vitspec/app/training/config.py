@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from vitspec.app import datasets
+from vitspec.app import datasets, randaugment
 from vitspec.posemb import RESAMPLE_METHODS
 from vitspec.variants import PRESETS
 
@@ -81,6 +81,21 @@ class TrainConfig:
     weight_decay: float = _field(0.05, "AdamW weight decay, on kernels only", "recipe", True)
     warmup_epochs: float = _field(5.0, "linear warmup, then cosine decay", "recipe", True)
     label_smoothing: float = _field(0.1, "label smoothing of the cross-entropy", "recipe", True)
+    randaugment: str | None = _field(
+        None,
+        "RandAugment after the crop and flip, timm's spelling: rand-m<magnitude 0-10>[-n<ops per image, "
+        "default 2>][-mstd<magnitude std>][-inc1], e.g. rand-m9-n2-mstd0.5 (default: off; needs Pillow)",
+        "recipe",
+        True,
+        show_default=False,
+    )
+    mixup: float = _field(0.0, "Mixup's Beta(alpha, alpha) per batch; 0 turns it off", "recipe", True)
+    cutmix: float = _field(
+        0.0,
+        "CutMix's Beta(alpha, alpha) per batch; 0 turns it off (with --mixup: either, half the batches each)",
+        "recipe",
+        True,
+    )
     clip_norm: float = _field(
         1.0, "clip the global gradient norm to this; 0 turns clipping off", "recipe", True
     )
@@ -129,7 +144,7 @@ class TrainConfig:
             problems.append(f"--max-steps {self.max_steps}: must be at least 1")
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: must be positive")
-        for name in ("weight_decay", "warmup_epochs", "clip_norm"):
+        for name in ("weight_decay", "warmup_epochs", "clip_norm", "mixup", "cutmix"):
             if not getattr(self, name) >= 0:
                 problems.append(f"--{flag(name)} {getattr(self, name)}: must not be negative")
         for name in ("label_smoothing", "dropout", "stochastic_depth"):
@@ -138,6 +153,11 @@ class TrainConfig:
                 problems.append(f"--{flag(name)} {value}: expected a rate in [0, 1)")
         if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.randaugment is not None:
+            try:
+                randaugment.parse(self.randaugment)
+            except ValueError as error:
+                problems.append(str(error))
         if self.resample is not None and self.init is None:
             problems.append(f"--resample {self.resample}: it resamples --init's posemb; no --init is given")
         if problems:
@@ -149,6 +169,11 @@ class TrainConfig:
     def trajectory(self) -> dict[str, Any]:
         """The fields that decide the run's numbers, by name (what --resume compares)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["trajectory"]}
+
+    @classmethod
+    def trajectory_defaults(cls) -> dict[str, Any]:
+        """The trajectory fields' defaults: what a run saved before a field existed trained with."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata["trajectory"]}
 
     @property
     def dataset_name(self) -> str:

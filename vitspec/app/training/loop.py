@@ -90,7 +90,9 @@ def train_epoch_steps(
     started = time.perf_counter()
     while state.step < stop_step and state.loader.epoch == epoch:
         batch = next(batches)
-        loss, correct = backend.train_step(batch.images, batch.labels, learning_rate(state.step, run.recipe))
+        loss, correct = backend.train_step(
+            batch.images, batch.labels, learning_rate(state.step, run.recipe), batch.mix
+        )
         pending.append((state.step + 1, loss, correct, config.batch_size))  # the global batch's
         state.step, state.loader = state.step + 1, batch.next_state
         checkpoint_due = checkpoint and time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every
@@ -119,6 +121,7 @@ def finish_epoch(run: Run, backend: Backend, state: RunState) -> dict[str, Any]:
         "step": state.step,
         "lr": learning_rate(state.step - 1, run.recipe),
         "train_loss": progress.loss_sum / progress.seen,
+        # With Mixup/CutMix: top-1 against each image's own label (TrainBatch.labels), not its partner's.
         "train_accuracy": progress.correct / progress.seen,
         "images_per_second": progress.seen / progress.seconds if progress.seconds else None,
     }
@@ -155,6 +158,7 @@ def train(run: Run, backend: Backend, state: RunState) -> RunState:
         state.loader,
         run.augmentation,
         shard=(where.process_index, where.process_count),
+        mixing=run.mixing,
     )
     checkpoint = (lambda: save_last_of(run, backend, state)) if where.writer else None
     with pipeline.Prefetcher(stream) as batches:
@@ -219,6 +223,7 @@ def train_and_evaluate(
                 "model": json.loads(run.cfg.to_json()),
                 "recipe": dataclasses.asdict(run.recipe),
                 "augmentation": dataclasses.asdict(run.augmentation),
+                "mixing": dataclasses.asdict(run.mixing),
                 "settings": dataclasses.asdict(run.config),
             },
         )

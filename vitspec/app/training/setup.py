@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 import vitspec
-from vitspec.app import augmentation, datasets, pipeline
+from vitspec.app import augmentation, datasets, pipeline, randaugment
+from vitspec.app.mixing import Mixing
 from vitspec.app.training.backend import (
     Backend,
     Topology,
@@ -50,6 +51,7 @@ class Run:
     augmentation: pipeline.Augmentation
     normalization: np.ndarray
     topology: Topology = dataclasses.field(default_factory=Topology)
+    mixing: Mixing = dataclasses.field(default_factory=Mixing)
 
     @functools.cached_property
     def data_identity(self) -> str:
@@ -109,6 +111,17 @@ def make_recipe(config: TrainConfig, steps_per_epoch: int) -> Recipe:
     )
 
 
+def training_augmentation(config: TrainConfig, stats: datasets.ChannelStats) -> augmentation.Augmentation:
+    """The dataset's default crop and flip, then --randaugment's, filling with the mean pixel (timm's)."""
+    default = augmentation.DEFAULT_AUGMENTATION[config.dataset_name]
+    if config.randaugment is None:
+        return default
+    randaugment.require_pillow()
+    fill = tuple(min(255, round(255 * mean)) for mean in stats.mean)
+    settings = dataclasses.replace(randaugment.parse(config.randaugment), fill=fill)
+    return dataclasses.replace(default, randaugment=settings)
+
+
 def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
     """Join the run's other processes, load the data, build the model config and recipe, resolve the
     precision for `backend`."""
@@ -138,16 +151,20 @@ def setup(config: TrainConfig, workdir: str | Path, backend: str) -> Run:
         cfg=cfg,
         recipe=make_recipe(config, steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
-        augmentation=augmentation.DEFAULT_AUGMENTATION[config.dataset_name],
+        augmentation=training_augmentation(config, dataset.stats),
         normalization=normalization_table(dataset.stats),
         topology=where,
+        mixing=Mixing(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix),
     )
 
 
 def start(run: Run, resume: bool) -> tuple[Backend, RunState]:
     """A fresh backend at `init_params(cfg, seed)`, or the workdir's last checkpoint when resuming."""
     if resume:
-        params, optimizer, state = load_last(run.workdir, run.trajectory(), tidy=run.topology.writer)
+        defaults = TrainConfig.trajectory_defaults()
+        params, optimizer, state = load_last(
+            run.workdir, run.trajectory(), tidy=run.topology.writer, defaults=defaults
+        )
         backend = run.create_backend(params)
         backend.load_optimizer_state(optimizer)
         say(

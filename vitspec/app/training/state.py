@@ -165,11 +165,12 @@ def fsync_directory(path: Path) -> None:
 
 
 def load_last(
-    workdir: Path, trajectory: dict[str, Any], tidy: bool = True
+    workdir: Path, trajectory: dict[str, Any], tidy: bool = True, defaults: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], RunState]:
     """(reference params, optimizer state, run state) of workdir's last checkpoint, checked whole and
-    against the trajectory settings it was written under; with `tidy` (the writing process only),
-    finishes the publishing steps a kill interrupted."""
+    against the trajectory settings it was written under; a setting the run did not save (one added
+    after it was written) counts as its value in `defaults`, what the run then trained with. With
+    `tidy` (the writing process only), finishes the publishing steps a kill interrupted."""
     state_path = workdir / LAST_STATE_JSON
     saved = read_manifest(workdir)
     if saved is None:
@@ -186,7 +187,8 @@ def load_last(
                 "(damaged or edited after the checkpoint was written)"
             )
     now = json.loads(json.dumps(trajectory, default=str))  # as saved: JSON types
-    changed = {k: (saved["flags"].get(k), v) for k, v in now.items() if saved["flags"].get(k) != v}
+    flags = json.loads(json.dumps(dict(defaults or {}), default=str)) | saved["flags"]
+    changed = {k: (flags.get(k), v) for k, v in now.items() if flags.get(k) != v}
     if changed:
         described = ", ".join(
             f"{DATA_KEY_LABEL if k == DATA_KEY else '--' + k.replace('_', '-')}: saved {old!r}, now {new!r}"
