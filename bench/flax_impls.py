@@ -3,6 +3,7 @@ stock-layer flax.linen ViT trained with optax.adamw."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -20,7 +21,16 @@ def ours(cfg: ViTConfig, batch: int) -> Runner:
 
 
 def stock(cfg: ViTConfig, batch: int) -> Runner:
-    module = StockViT(config=cfg)
+    forward, train_step = stock_steps(cfg, batch)
+    return Runner(forward=lambda: jax.block_until_ready(forward()), train_step=lambda: float(train_step()))
+
+
+def stock_steps(
+    cfg: ViTConfig, batch: int, dtype=None
+) -> tuple[Callable[[], jax.Array], Callable[[], jax.Array]]:
+    """The stock ViT's jitted forward (-> logits) and donated training step (-> loss) on one batch, each
+    returning as soon as its work is dispatched; dtype: the computation's (None: float32)."""
+    module = StockViT(config=cfg, dtype=dtype)
     images, labels = random_batch(cfg, batch)
     x, y = jnp.asarray(float_batch(images)), jnp.asarray(labels)
     optimizer = optax.adamw(LEARNING_RATE, weight_decay=0.05)
@@ -31,14 +41,14 @@ def stock(cfg: ViTConfig, batch: int) -> Runner:
 
     def train_step():
         state["params"], state["opt"], loss = step(state["params"], state["opt"], x, y)
-        return float(loss)
+        return loss
 
-    return Runner(forward=lambda: jax.block_until_ready(forward(state["params"], x)), train_step=train_step)
+    return (lambda: forward(state["params"], x)), train_step
 
 
 def _stock_train_step(module, optimizer, params, opt_state, images, labels):
     def loss_fn(p):
-        logits = module.apply({"params": p}, images)
+        logits = module.apply({"params": p}, images).astype(jnp.float32)  # bf16: the loss in float32
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), 0.1)
         return optax.softmax_cross_entropy(logits, targets).mean()
 

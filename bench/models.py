@@ -1,4 +1,5 @@
-"""The benchmarked models: config, batch and repeat counts, for the full run and for --quick."""
+"""The benchmarked models: config, batch and repeat counts, for the full run and for --quick, on the
+CPU and on a GPU."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class ModelSpec:
     warmup: int
     reference_batch: int  # the NumPy forward's batch: it is ~10x slower, images/s is per image anyway
     reference_repeats: int
+    calls: int = 1  # calls a timed turn makes: on a GPU, enough steps that one wait ends many
 
     @property
     def config(self) -> ViTConfig:
@@ -58,8 +60,24 @@ QUICK = {
 }
 
 
-def specs(names: list[str] | None, quick: bool) -> list[ModelSpec]:
-    table = QUICK if quick else FULL
+# On a GPU: batches that fill it (the NumPy reference does not run there), and turns of ~0.1 s.
+GPU = {
+    "cifar-notebook": ModelSpec(
+        "cifar-notebook", batch=256, repeats=8, warmup=3, reference_batch=0, reference_repeats=0, calls=20
+    ),
+    "S/16": ModelSpec(
+        "S/16", batch=128, repeats=8, warmup=3, reference_batch=0, reference_repeats=0, calls=10
+    ),
+    "B/16": ModelSpec("B/16", batch=64, repeats=8, warmup=3, reference_batch=0, reference_repeats=0, calls=5),
+}
+GPU_QUICK = {
+    "tiny": ModelSpec("tiny", batch=2, repeats=2, warmup=1, reference_batch=0, reference_repeats=0, calls=2),
+}
+TABLES = {("cpu", False): FULL, ("cpu", True): QUICK, ("gpu", False): GPU, ("gpu", True): GPU_QUICK}
+
+
+def specs(names: list[str] | None, quick: bool, device: str = "cpu") -> list[ModelSpec]:
+    table = TABLES[device, quick]
     unknown = set(names or ()) - set(table)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}: expected some of {list(table)}")

@@ -152,19 +152,24 @@ def markdown(results: dict) -> str:
 
 
 def _table_row(row: dict) -> str:
-    ratios = row.get("ours_over_fastest_peer")
-    ratios_text = ""
-    if ratios:
-        has_peer = any(ratios.values())
-        ratios_text = "; ".join(ratio_text(ratios[mode]) for mode in MODES) if has_peer else "no peer"
     return (
         f"| {row['model']} | {row['framework']}: {row['implementation']} | {row['forward']['batch']} "
-        f"| {_rate_text(row['forward'])} | {_rate_text(row['train'])} | {percent_text(row['forward'])} "
-        f"| {percent_text(row['train'])} | {ratios_text} |"
+        f"| {rate_text(row['forward'])} | {rate_text(row['train'])} | {percent_text(row['forward'])} "
+        f"| {percent_text(row['train'])} | {peer_ratios_text(row)} |"
     )
 
 
-def _rate_text(measured: dict | None) -> str:
+def peer_ratios_text(row: dict) -> str:
+    """An 'ours' row's ratios to its fastest peer, forward; train ('' for a peer's row)."""
+    ratios = row.get("ours_over_fastest_peer")
+    if not ratios:
+        return ""
+    if not any(ratios.values()):
+        return "no peer"
+    return "; ".join(ratio_text(ratios[mode]) for mode in MODES)
+
+
+def rate_text(measured: dict | None) -> str:
     if not measured:
         return "—"
     return f"{measured['median']:.1f} ({measured['min']:.1f}–{measured['max']:.1f}, n={measured['repeats']})"

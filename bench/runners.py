@@ -36,11 +36,17 @@ def float_batch(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - 0.5) / 0.25
 
 
-def backend_runner(backend_class, cfg: ViTConfig, batch: int) -> Runner:
-    """Ours: the training Backend itself (uint8 in, on-device normalization, the recipe's clipped AdamW)."""
-    backend = backend_class(
-        cfg, vitspec.init_params(cfg, seed=0), Recipe(), normalization_table(STATS["cifar10"]), "fp32", seed=0
+def make_backend(backend_class, cfg: ViTConfig, precision: str = "fp32", **placement):
+    """Ours: the training Backend itself (uint8 in, on-device normalization, the recipe's clipped AdamW);
+    placement: the backend's own keywords (the PyTorch backend's device)."""
+    table = normalization_table(STATS["cifar10"])
+    return backend_class(
+        cfg, vitspec.init_params(cfg, seed=0), Recipe(), table, precision, seed=0, **placement
     )
+
+
+def backend_runner(backend_class, cfg: ViTConfig, batch: int) -> Runner:
+    backend = make_backend(backend_class, cfg)
     images, labels = random_batch(cfg, batch)
     return Runner(
         forward=lambda: backend.eval_logits(images),

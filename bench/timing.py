@@ -7,6 +7,10 @@ alike; the per-round ratios between implementations are then paired measurements
 callable (a short sgemm burst on the same thread pool, bench.runners.sgemm_burst), a burst runs
 before every implementation's turn and once at the end of the round, so that each turn is
 bracketed by two peak measurements taken under the same load; its peak is the higher of the two.
+
+On an accelerator a call returns once its work is queued, not done: `synchronize` (given the last
+call's result) waits for the device inside the turn's clock, and `calls` turns several calls into one
+turn, so that one wait ends a turn of many steps, as in a training loop that reads its loss seldom.
 """
 
 from __future__ import annotations
@@ -23,15 +27,24 @@ def interleaved_rates(
     warmup: int,
     repeats: int,
     peak: Callable[[], float] | None = None,
+    synchronize: Callable[[object], object] | None = None,
+    calls: int = 1,
 ) -> dict[str, dict]:
     """name -> {median, min, max, rates (one per round, in round order), repeats, warmup, batch}, and
     with `peak` (a callable returning GFLOP/s) also peak_gflops: the peak bracketing each round's turn.
 
-    Each call runs one batch and returns only once the work is done.
+    Each call runs one batch; without `synchronize` it returns only once the work is done. A turn is
+    `calls` calls, then `synchronize` on the last one's result; its rate is batch * calls / its time.
     """
+
+    def turn(run: Callable[[], object], count: int) -> None:
+        for _ in range(count):
+            result = run()
+        if synchronize is not None and count:
+            synchronize(result)
+
     for run in runs.values():
-        for _ in range(warmup):  # jit compiles, allocator and thread pool warm-up
-            run()
+        turn(run, warmup)  # jit compiles, allocator and thread pool warm-up
     if peak is not None:
         peak()  # its own warm-up (a jit compile for XLA), not recorded
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -42,8 +55,8 @@ def interleaved_rates(
         before = peak() if peak is not None else None
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            runs[name]()
-            rates[name].append(batch / (time.perf_counter() - start))
+            turn(runs[name], calls)
+            rates[name].append(batch * calls / (time.perf_counter() - start))
             if peak is not None:
                 after = peak()
                 peaks[name].append(max(before, after))

@@ -3,6 +3,8 @@ ViTForImageClassification (SDPA attention) and the per-head notebook ViT."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,12 @@ def ours(cfg: ViTConfig, batch: int) -> Runner:
 
 
 def huggingface(cfg: ViTConfig, batch: int) -> Runner:
+    model, logits_of = hf_vit(cfg)
+    return _module_runner(model, logits_of, cfg, batch)
+
+
+def hf_vit(cfg: ViTConfig) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """ViTForImageClassification with the config's sizes (SDPA attention), and its logits function."""
     from transformers import ViTConfig as HFConfig
     from transformers import ViTForImageClassification
 
@@ -34,7 +42,7 @@ def huggingface(cfg: ViTConfig, batch: int) -> Runner:
         attn_implementation="sdpa",
     )
     model = ViTForImageClassification(hf_cfg)
-    return _module_runner(model, lambda x: model(pixel_values=x).logits, cfg, batch)
+    return model, lambda x: model(pixel_values=x).logits
 
 
 def notebook(cfg: ViTConfig, batch: int) -> Runner:
