@@ -23,7 +23,9 @@ def test_the_profile_finds_the_matmuls_and_sums_the_shares_to_one(framework):
     )
     assert run.returncode == 0, run.stderr
     (line,) = [line for line in run.stdout.splitlines() if line.startswith("ours:")]
-    shares = {kind.strip(): int(share) for kind, share in re.findall(r"([a-zA-Z/ ]+) [\d.]+ \((\d+)%\)", line)}
+    shares = {
+        kind.strip(): int(share) for kind, share in re.findall(r"([a-zA-Z/ ]+) [\d.]+ \((\d+)%\)", line)
+    }
     assert shares["matmul"] > 0, line
     assert abs(sum(shares.values()) - 100) <= len(shares), line  # each share is rounded
 

@@ -180,7 +180,7 @@ def open_with_notes(
             bad = nonfinite_names(params)
             raise FormatError(f"{path}: NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:5])}")
 
-    return Loaded(fmt, cfg, params.checked(refuse_nonfinite), notes)
+    return Loaded(fmt, cfg, params.checked(refuse_nonfinite, refuses_nonfinite=True), notes)
 
 
 def load_any(
@@ -201,8 +201,8 @@ def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: Mapping[str, np
     """Write `params` in layout `fmt` to `path`, atomically; the suffix must suit the format.
 
     `params` may be a LazyTensors (open_with_notes): each tensor is then converted and written in
-    turn, so memory holds a few tensors, not the tree twice (torch files: torch.save takes the
-    whole converted dict).
+    turn, so memory holds a few tensors, not the tree twice (torch files too:
+    vitspec.formats.torch_file).
 
     `hf`, `hf4` and the `hf_*` families also write a directory (a path without a suffix):
     model.safetensors and the config.json transformers' `from_pretrained(path)` reads."""

@@ -11,13 +11,14 @@ import math
 import os
 import zipfile
 from collections.abc import Mapping
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.atomic import atomic_write
-from vitspec.formats.lazy import LazyTensors, finite, stand_ins
+from vitspec.formats.atomic import atomic_write, write_aligned
+from vitspec.formats.lazy import LazyTensors, finite, prefetched, stand_ins
 from vitspec.formats.safetensors_file import (
     CheckpointError,
     clip,
@@ -34,16 +35,20 @@ NPZ_CONFIG_KEY = "__vitspec_config__"
 
 def write_npz(f, arrays: Mapping[str, np.ndarray]) -> None:
     """np.savez(f, **arrays), one member at a time: each value is produced, written and dropped
-    (np.savez takes them all at once). The same zip layout: stored members `<name>.npy`, zip64."""
-    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipf:
-        for name in arrays:
-            value = np.asanyarray(arrays[name])
+    (np.savez takes them all at once; here the next is produced while one is written,
+    vitspec.formats.lazy.prefetched). The same zip layout: stored members `<name>.npy`, zip64."""
+    with (
+        zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipf,
+        closing(prefetched(arrays.__getitem__, arrays)) as values,
+    ):
+        for name, value in values:
+            value = np.asanyarray(value)
             with zipf.open(name + ".npy", "w", force_zip64=True) as member:
                 if value.dtype.hasobject or not value.flags.c_contiguous or value.dtype.byteorder == ">":
                     np.lib.format.write_array(member, value, allow_pickle=False)
                 else:  # write_array's header, then the data from the array's own memory (it copies)
                     _write_npy_header(member, np.lib.format.header_data_from_array_1_0(value))
-                    member.write(memoryview(value.reshape(-1).view(np.uint8)))
+                    write_aligned(member, value.reshape(-1).view(np.uint8), f.tell())
 
 
 def _write_npy_header(f, header: dict) -> None:
@@ -55,7 +60,7 @@ def _write_npy_header(f, header: dict) -> None:
 
 def nonfinite_names(params: dict[str, np.ndarray]) -> list[str]:
     """The names of the tensors holding a NaN or an infinity."""
-    return [k for k, v in params.items() if not np.isfinite(np.asarray(v, dtype=np.float64)).all()]
+    return [k for k, v in params.items() if not finite(v)]
 
 
 def _refuse_nonfinite(path, params: dict[str, np.ndarray], what: str) -> None:
@@ -77,7 +82,9 @@ def save(path: str | os.PathLike, cfg: ViTConfig, params: Mapping[str, np.ndarra
     validate_params(cfg, stand_ins(params))
     if path.suffix not in (".safetensors", ".npz"):
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .safetensors or .npz")
-    if isinstance(params, LazyTensors):
+    if isinstance(params, LazyTensors) and params.refuses_nonfinite:
+        arrays = params  # its reader refuses a bad value as it is read: no second pass over the values
+    elif isinstance(params, LazyTensors):
         arrays = params.checked(
             lambda name, value: _refuse_nonfinite_tensor(path, params, value, "refusing to write")
         )
@@ -212,5 +219,7 @@ def open_reference(path: str | os.PathLike, allow_nonfinite: bool = False) -> tu
         raise CheckpointError(str(e)) from None
     if not allow_nonfinite:
         raw = params
-        params = raw.checked(lambda name, value: _refuse_nonfinite_tensor(path, raw, value, ""))
+        params = raw.checked(
+            lambda name, value: _refuse_nonfinite_tensor(path, raw, value, ""), refuses_nonfinite=True
+        )
     return cfg, params

@@ -11,15 +11,17 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
-from vitspec.formats.atomic import atomic_write
+from vitspec.formats.atomic import atomic_write, write_aligned
 from vitspec.formats.checkpoint import open_npz, write_npz
-from vitspec.formats.lazy import LazyTensors
+from vitspec.formats.lazy import LazyTensors, prefetched
 from vitspec.formats.safetensors_file import CheckpointError, open_safetensors, write_safetensors
+from vitspec.formats.torch_file import write_state_dict
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", ".npz", ".msgpack") + TORCH_SUFFIXES
@@ -68,18 +70,15 @@ def _in_memory(arrays: dict[str, np.ndarray]) -> LazyTensors:
 
 
 def write_tensors(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write flat arrays (or a LazyTensors, whose values are produced and written one at a time
-    where the file type allows: all but torch files, which torch.save writes from a whole dict)."""
+    """Write flat arrays (or a LazyTensors, whose values are produced and written one at a time;
+    torch files too, vitspec.formats.torch_file)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         write_safetensors(path, arrays)
     elif path.suffix == ".npz":
         atomic_write(path, lambda f: write_npz(f, _Contiguous(arrays)))
     elif path.suffix in TORCH_SUFFIXES:
-        import torch
-
-        state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        atomic_write(path, lambda f: torch.save(state_dict, f))
+        atomic_write(path, lambda f: write_state_dict(f, arrays))
     elif path.suffix == ".msgpack":
         atomic_write(path, lambda f: write_msgpack(f, _Contiguous(arrays)))
     else:
@@ -111,7 +110,7 @@ def _write_ndarray_ext(f, value: np.ndarray) -> None:
     else:
         head = b"\xc9" + struct.pack(">I", length)
     f.write(head + code + prefix)
-    f.write(memoryview(value.reshape(-1).view(np.uint8)))
+    write_aligned(f, value.reshape(-1).view(np.uint8))
 
 
 class _Contiguous(Mapping):
@@ -134,7 +133,8 @@ def write_msgpack(f, arrays: Mapping[str, np.ndarray]) -> None:
 
     The nesting is written as msgpack maps with sorted keys (flax copies the tree with jax's
     tree_map, which sorts them); each array is packed by flax's own ext packer, and one over flax's
-    chunk limit in flax's chunked form."""
+    chunk limit in flax's chunked form. The next array is produced while one is written
+    (vitspec.formats.lazy.prefetched)."""
     import msgpack
     from flax import serialization
 
@@ -151,9 +151,10 @@ def write_msgpack(f, arrays: Mapping[str, np.ndarray]) -> None:
         node[leaf] = name
     packer = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True)
 
-    def write(node) -> None:
+    def write(node, values: Iterator[tuple[str, np.ndarray]]) -> None:
         if isinstance(node, str):
-            value = np.asarray(arrays[node])
+            _, value = next(values)
+            value = np.asarray(value)
             if value.size * value.dtype.itemsize > serialization.MAX_CHUNK_SIZE:
                 f.write(packer.pack(serialization._chunk(value)))
             elif value.dtype.hasobject or value.dtype.isalignedstruct or not value.flags.c_contiguous:
@@ -164,9 +165,19 @@ def write_msgpack(f, arrays: Mapping[str, np.ndarray]) -> None:
         f.write(packer.pack_map_header(len(node)))
         for key in sorted(node):  # flax's tree_map copy sorts every dict's keys
             f.write(packer.pack(key))
-            write(node[key])
+            write(node[key], values)
 
-    write(tree)
+    with closing(prefetched(arrays.__getitem__, _leaves(tree))) as values:
+        write(tree, values)
+
+
+def _leaves(node) -> Iterator[str]:
+    """The names of a write_msgpack tree's arrays, in the order it writes them."""
+    if isinstance(node, str):
+        yield node
+        return
+    for key in sorted(node):
+        yield from _leaves(node[key])
 
 
 def _open_torch(path: Path) -> LazyTensors:

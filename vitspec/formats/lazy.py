@@ -8,19 +8,26 @@ shapes, and writers that need every shape first (a safetensors header), read no 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
 Spec = tuple[tuple[int, ...], np.dtype]
+T = TypeVar("T")
 
 
 class LazyTensors(Mapping):
     """{name: array}, each value produced by `get(name)` on every access (never cached here)."""
 
-    def __init__(self, specs: Mapping[str, Spec], get: Callable[[str], np.ndarray]):
+    def __init__(
+        self, specs: Mapping[str, Spec], get: Callable[[str], np.ndarray], refuses_nonfinite: bool = False
+    ):
         self._specs = {k: (tuple(int(d) for d in s), np.dtype(t)) for k, (s, t) in specs.items()}
         self._get = get
+        # Every value is checked for NaN and infinity as it is produced: a writer need not read it again.
+        self.refuses_nonfinite = refuses_nonfinite
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._specs:
@@ -42,15 +49,18 @@ class LazyTensors(Mapping):
         specs.update({k: (np.shape(v), np.asarray(v).dtype) for k, v in updates.items()})
         return LazyTensors(specs, lambda k: updates[k] if k in updates else self._get(k))
 
-    def checked(self, check: Callable[[str, np.ndarray], None]) -> LazyTensors:
-        """This tree with `check(name, value)` run on each value as it is produced."""
+    def checked(
+        self, check: Callable[[str, np.ndarray], None], refuses_nonfinite: bool = False
+    ) -> LazyTensors:
+        """This tree with `check(name, value)` run on each value as it is produced; `refuses_nonfinite`:
+        the check raises on any NaN or infinity."""
 
         def get(name: str) -> np.ndarray:
             value = self._get(name)
             check(name, value)
             return value
 
-        return LazyTensors(self._specs, get)
+        return LazyTensors(self._specs, get, refuses_nonfinite or self.refuses_nonfinite)
 
 
 def spec_of(arrays: Mapping[str, object], name: str) -> Spec:
@@ -68,7 +78,32 @@ def stand_ins(arrays: Mapping[str, object]) -> Mapping[str, np.ndarray]:
 
 
 def finite(value: np.ndarray) -> bool:
+    """Whether every value is finite, in one read of the array and no temporary array: a NaN or an
+    infinity makes any sum it enters NaN or infinite, so a finite sum settles it; only a sum that is
+    not finite (a bad value, or finite values overflowing) is checked value by value. float16 sums
+    in float32, where its values cannot overflow."""
     value = np.asarray(value)
-    if value.dtype.kind in "fc":
-        return bool(np.isfinite(value).all())
-    return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+    if value.dtype.kind not in "fc":
+        return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf is NaN, as wanted: no warning
+        total = value.sum(dtype=np.result_type(value.dtype, np.float32))
+    return bool(np.isfinite(total) or np.isfinite(value).all())
+
+
+def prefetched(produce: Callable[[str], T], names: Iterable[str]) -> Iterator[tuple[str, T]]:
+    """(name, produce(name)) for each name in turn, the next value produced by a background thread
+    while the caller uses this one: a streamed write reads and converts one tensor while it writes
+    the one before (file reads and writes, NumPy's copies and zlib's CRC let the other thread run).
+    Memory holds one tensor more than a plain loop. An error producing a value is raised here at
+    its turn; when the caller stops early (an error writing), the thread stops after the tensor
+    it is producing, which is dropped."""
+    names = list(names)
+    if not names:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitspec-prefetch") as thread:
+        ahead = thread.submit(produce, names[0])
+        for i, name in enumerate(names):
+            value = ahead.result()
+            if i + 1 < len(names):
+                ahead = thread.submit(produce, names[i + 1])
+            yield name, value
