@@ -21,7 +21,7 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
 
 def mixed_cross_entropy(logits, labels, partner_labels, weight, label_smoothing: float = 0.0):
-    """A Mixup/CutMix batch's loss (vitspec.app.mixing): weight * CE(labels) + (1 - weight) *
+    """A Mixup/CutMix batch's loss (vitspec.recipe.MixedLabels): weight * CE(labels) + (1 - weight) *
     CE(partner_labels), each label-smoothed; at weight 1 exactly `cross_entropy(logits, labels)`."""
     own = cross_entropy(logits, labels, label_smoothing)
     return weight * own + (1 - weight) * cross_entropy(logits, partner_labels, label_smoothing)

@@ -5,7 +5,7 @@ The flags, data, schedule and checkpoints are `vitspec.app.training`'s; this mod
 norm + 1e-6, the recipe by norm; see vitspec/recipe.py), then torch's fused AdamW with weight decay
 masked on the reference names through the converter's table, label smoothing via F.cross_entropy
 (the same targets (1 - e) onehot + e / K), weighted over a Mixup/CutMix batch's two labels as
-vitspec.app.mixing says. On a GPU the step runs under bfloat16 autocast; on the
+vitspec.recipe.MixedLabels defines. On a GPU the step runs under bfloat16 autocast; on the
 CPU in float32. torch.compile is not used: the model compiles without graph breaks
 (tests/test_torch_model.py), but on CPU the compiled training step was slower (S/16 batch 16:
 5.6 vs 6.0 img/s after a 26 s compile; the 32 px CIFAR model: no gain after 17 s), the step
