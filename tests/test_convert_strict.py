@@ -282,3 +282,42 @@ def test_a_pickle_of_python_objects_is_refused_without_torchs_advice(tmp_path, c
         assert "never unpickles arbitrary objects" in message and "can run any code" in message
         assert "torch.save(model.state_dict(), path)" in message and ".safetensors" in message
     assert "Unsupported global" in err  # torch's reason, in a few words
+
+
+def flag_units(tokens: list[str]) -> list[list[str]]:
+    """['--heads', '3', '--no-qkv-bias'] -> [['--heads', '3'], ['--no-qkv-bias']]."""
+    units: list[list[str]] = []
+    for token in tokens:
+        units.append([token]) if token.startswith("--") else units[-1].append(token)
+    return units
+
+
+READ_BACK = [
+    ("torch", {}),
+    ("torch", dict(qkv_bias=False, num_classes=0, class_token=False, pool="gap")),
+    ("flax", {}),
+    ("vit_jax", dict(gelu="exact")),
+    ("hf", dict(ln_eps=1e-6)),
+]
+
+
+@pytest.mark.parametrize("fmt, overrides", READ_BACK, ids=[f"{f}-{'-'.join(o)}" for f, o in READ_BACK])
+def test_the_warning_names_exactly_the_flags_that_read_the_file_back(tmp_path, capsys, fmt, overrides):
+    """Writing a foreign file warns with the flags it cannot show: with them the file reads back as
+    the same config; without any one of them it reads as another config or not at all."""
+    cfg = SMALL.replace(**overrides)
+    ref, written = tmp_path / "model.safetensors", tmp_path / f"out{SUFFIX[fmt]}"
+    back = tmp_path / "back.safetensors"
+    vitspec.save(ref, cfg, random_params(cfg, 0))
+    code, out, err = cli(capsys, ref, written, "--to", fmt)
+    assert (code, err) == (0, "")
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, out  # each of these configs has a field the format cannot show
+    units = flag_units(warnings[0].split(" read it back with ", 1)[1].split())
+    code, _, err = cli(capsys, written, back, "--from", fmt, *sum(units, []))
+    assert (code, err) == (0, "")
+    assert vitspec.load(back)[0] == cfg
+    for dropped in units:
+        rest = sum((unit for unit in units if unit is not dropped), [])
+        code, _, _ = cli(capsys, written, back, "--from", fmt, "--overwrite", *rest)
+        assert code == 2 or vitspec.load(back)[0] != cfg, f"{' '.join(dropped)} was not needed"

@@ -268,7 +268,8 @@ def flags_needed_to_read_back(fmt: str, cfg: ViTConfig, directory: bool = False)
     for flag in READING_FLAGS:
         flags = {k: v for k, v in full.items() if k != flag.keyword}
         try:
-            inferred, _ = layout.read_config(shapes, given_values(flags, stored, hf.CONFIG_FILE))
+            told = given_values(flags, stored, hf.CONFIG_FILE)
+            inferred, _ = layout.read_config(shapes, told, with_notes=False)
             same = config_flag(inferred, flag.keyword) == full[flag.keyword]
         except FormatError:
             same = False

@@ -47,11 +47,16 @@ class Format:
         """from_reference, each tensor computed when asked for (vitspec.formats.lazy)."""
         return native_view(self.table(cfg), params, cfg)
 
-    def read_config(self, native: Mapping[str, np.ndarray], given: Told) -> tuple[ViTConfig, list[Note]]:
+    def read_config(
+        self, native: Mapping[str, np.ndarray], given: Told, with_notes: bool = True
+    ) -> tuple[ViTConfig, list[Note]]:
         """The config and the notes on it, from the names and shapes and what the reader was `given`
-        (vitspec.formats.flags.given_values)."""
+        (vitspec.formats.flags.given_values). `with_notes=False` skips the notes (none is returned): they
+        build a table per part the file could have, which a caller wanting the config alone need not pay."""
         cfg, notes = config_from_facts(self.read_facts(native), self.convention, given)
         self.refuse_read(cfg)
+        if not with_notes:
+            return cfg, []
         notes += absence_notes(self, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]
 

@@ -212,9 +212,11 @@ class FlaxFormat(Format):
         view = super().native_view(params, cfg)
         return stacked(view, self.name) if self.scan else view
 
-    def read_config(self, native: Mapping[str, np.ndarray], given: Told) -> tuple[ViTConfig, list[Note]]:
-        cfg, notes = super().read_config(unstacked(native, self.name), given)
-        return cfg, notes + ([scan_note(native)] if is_scanned(native) else [])
+    def read_config(
+        self, native: Mapping[str, np.ndarray], given: Told, with_notes: bool = True
+    ) -> tuple[ViTConfig, list[Note]]:
+        cfg, notes = super().read_config(unstacked(native, self.name), given, with_notes)
+        return cfg, notes + ([scan_note(native)] if with_notes and is_scanned(native) else [])
 
 
 def _flax_format(name: str, description: str, cannot_express, scan: bool = False) -> FlaxFormat:

@@ -122,7 +122,9 @@ class FamilyFormat(Format):
     def native_view(self, params: Mapping[str, np.ndarray], cfg: ViTConfig) -> LazyTensors:
         return regroup(super().native_view(params, cfg), self.groups(cfg, None), to_file=True)
 
-    def read_config(self, native: Mapping[str, np.ndarray], given: Told) -> tuple[ViTConfig, list[Note]]:
+    def read_config(
+        self, native: Mapping[str, np.ndarray], given: Told, with_notes: bool = True
+    ) -> tuple[ViTConfig, list[Note]]:
         """As Format.read_config, with the flags the file cannot do without and the settled values."""
         unshown = [f"{FLAGS[k].cli} ({why})" for k, why in self.told_only(native).items() if k not in given]
         if unshown:
@@ -135,6 +137,8 @@ class FamilyFormat(Format):
         except ValueError as e:
             raise FormatError(f"the checkpoint and flags give an invalid config: {e}") from None
         self.refuse_read(cfg)
+        if not with_notes:
+            return cfg, []
         named_as_filed = dataclasses.replace(self, build_table=self.file_named_table)
         notes += absence_notes(named_as_filed, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]

@@ -60,7 +60,9 @@ class Family(Format):
     canonical: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] = _same
     stored: Callable[[LazyTensors, ViTConfig], LazyTensors] = lambda arrays, _: arrays
 
-    def read_config(self, native: Mapping[str, np.ndarray], given: Told) -> tuple[ViTConfig, list[Note]]:
+    def read_config(
+        self, native: Mapping[str, np.ndarray], given: Told, with_notes: bool = True
+    ) -> tuple[ViTConfig, list[Note]]:
         file_keys, native = native.keys(), self.canonical(native)
         reading = self.read(native, file_keys)
         implied = {k: Given(v, f"the {self.name} architecture") for k, v in reading.implied.items()}
@@ -73,6 +75,8 @@ class Family(Format):
         except ValueError as e:
             raise FormatError(f"the checkpoint and flags give an invalid config: {e}") from None
         self.refuse_read(cfg, f"it is not a {self.name} checkpoint, or a flag contradicts it")
+        if not with_notes:
+            return cfg, []
         notes += reading.notes + absence_notes(self, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]
 
