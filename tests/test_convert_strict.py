@@ -288,7 +288,10 @@ def flag_units(tokens: list[str]) -> list[list[str]]:
     """['--heads', '3', '--no-qkv-bias'] -> [['--heads', '3'], ['--no-qkv-bias']]."""
     units: list[list[str]] = []
     for token in tokens:
-        units.append([token]) if token.startswith("--") else units[-1].append(token)
+        if token.startswith("--"):
+            units.append([token])
+        else:
+            units[-1].append(token)
     return units
 
 
