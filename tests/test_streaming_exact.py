@@ -1,6 +1,7 @@
 """The pieces that make a streamed conversion fast keep it exact: the one-pass finiteness check,
 the background prefetch of the next tensor, writes split at 64-byte file positions, reads into
-memory aligned as the file is, and the blocked transpose."""
+memory aligned as the file is, the blocked transpose, and kernels passed between two [out, in]
+layouts as the source stores them."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import pytest
 
 import vitspec
 from vitspec.app.convert import convert
+from vitspec.formats import EXTERNAL
 from vitspec.formats.atomic import write_aligned
 from vitspec.formats.checkpoint import open_reference
+from vitspec.formats.files import write_tensors
 from vitspec.formats.lazy import LazyTensors, finite, prefetched
 from vitspec.formats.safetensors_file import _empty_like_file, read_safetensors, write_safetensors
-from vitspec.formats.table import transposed
+from vitspec.formats.table import TRANSPOSING, transposed
 
 
 @pytest.mark.parametrize(
@@ -192,3 +195,41 @@ def test_a_reference_source_is_checked_once_and_a_nan_still_refused(tmp_path, ds
     with pytest.raises(Exception, match="NaN or infinite values in 1 tensor"):
         convert(tmp_path / "bad.safetensors", tmp_path / dst_name, to_fmt="ref", out=io.StringIO())
     assert not (tmp_path / dst_name).exists()
+
+
+def _as_stored(arrays: dict[str, np.ndarray]) -> LazyTensors:
+    """A source whose values are the arrays themselves, so sharing memory with it can be seen."""
+    return LazyTensors({k: (v.shape, v.dtype) for k, v in arrays.items()}, arrays.__getitem__)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [("torch", "hf"), ("hf", "torch"), ("hf", "hf4"), ("torch", "torch")]
+)
+def test_kernels_pass_between_out_in_layouts_as_stored_and_bit_exact(src, dst):
+    cfg = vitspec.variant("Ti/16").replace(depth=2, num_classes=5)
+    rng = np.random.default_rng(6)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in vitspec.param_shapes(cfg).items()}
+    source, target = EXTERNAL[src], EXTERNAL[dst]
+    native = source.from_reference(params, cfg)
+    through_arrays = target.from_reference(source.to_reference(native, cfg), cfg)
+    view = target.native_view(source.reference_view(_as_stored(native), cfg), cfg)
+    assert list(view) == list(through_arrays)
+    for name, value in through_arrays.items():
+        assert view[name].dtype == value.dtype
+        np.testing.assert_array_equal(view[name], value)
+    # Every kernel the target stores alone is the source's array or a row slice of it: no copy.
+    single = [r.native for r in target.table(cfg) if r.layout in TRANSPOSING and len(r.reference) == 1]
+    assert single
+    for name in single:
+        assert any(np.shares_memory(view[name], v) for v in native.values()), name
+
+
+def test_a_nan_in_a_kernel_passed_as_stored_is_still_refused(tmp_path):
+    cfg = vitspec.variant("Ti/16").replace(depth=1)
+    params = {k: np.ones(s, np.float32) for k, s in vitspec.param_shapes(cfg).items()}
+    native = EXTERNAL["torch"].from_reference(params, cfg)
+    native["blocks.0.attn.qkv.weight"][-1, 0] = np.nan  # in v's rows
+    write_tensors(tmp_path / "bad.pt", native)
+    with pytest.raises(Exception, match="NaN or infinite values in 1 tensor"):
+        convert(tmp_path / "bad.pt", tmp_path / "out.safetensors", to_fmt="hf", heads=3, out=io.StringIO())
+    assert not (tmp_path / "out.safetensors").exists()

@@ -22,12 +22,17 @@ class LazyTensors(Mapping):
     """{name: array}, each value produced by `get(name)` on every access (never cached here)."""
 
     def __init__(
-        self, specs: Mapping[str, Spec], get: Callable[[str], np.ndarray], refuses_nonfinite: bool = False
+        self,
+        specs: Mapping[str, Spec],
+        get: Callable[[str], np.ndarray],
+        refuses_nonfinite: bool = False,
+        get_transposed: Callable[[str], np.ndarray | None] | None = None,
     ):
         self._specs = {k: (tuple(int(d) for d in s), np.dtype(t)) for k, (s, t) in specs.items()}
         self._get = get
         # Every value is checked for NaN and infinity as it is produced: a writer need not read it again.
         self.refuses_nonfinite = refuses_nonfinite
+        self._get_transposed = get_transposed
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._specs:
@@ -43,11 +48,23 @@ class LazyTensors(Mapping):
     def spec(self, name: str) -> Spec:
         return self._specs[name]
 
+    def transposed(self, name: str) -> np.ndarray | None:
+        """The value's transpose where the source holds it so (a reference view of a file that
+        stores kernels [out, in]: the file's array as it is), else None. A writer that wants the
+        transpose takes it from here instead of transposing a value that was transposed to be read."""
+        if name not in self._specs:
+            raise KeyError(name)
+        return None if self._get_transposed is None else self._get_transposed(name)
+
     def replace(self, updates: Mapping[str, np.ndarray]) -> LazyTensors:
         """This tree with some values given (in memory); the others still read on access."""
         specs = dict(self._specs)
         specs.update({k: (np.shape(v), np.asarray(v).dtype) for k, v in updates.items()})
-        return LazyTensors(specs, lambda k: updates[k] if k in updates else self._get(k))
+        return LazyTensors(
+            specs,
+            lambda k: updates[k] if k in updates else self._get(k),
+            get_transposed=lambda k: None if k in updates else self.transposed(k),
+        )
 
     def checked(
         self, check: Callable[[str, np.ndarray], None], refuses_nonfinite: bool = False
@@ -60,7 +77,13 @@ class LazyTensors(Mapping):
             check(name, value)
             return value
 
-        return LazyTensors(self._specs, get, refuses_nonfinite or self.refuses_nonfinite)
+        def get_transposed(name: str) -> np.ndarray | None:
+            value = self.transposed(name)
+            if value is not None:
+                check(name, value.T)
+            return value
+
+        return LazyTensors(self._specs, get, refuses_nonfinite or self.refuses_nonfinite, get_transposed)
 
 
 def spec_of(arrays: Mapping[str, object], name: str) -> Spec:

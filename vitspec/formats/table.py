@@ -3,7 +3,9 @@
 A format module builds ONE table per config: `Rule(reference names, native name, layout,
 native shape)`. Both directions are derived from it, so a name or a layout cannot disagree
 between reading and writing. `Layout` is the only place array layouts change (like timm's
-`_n2p`); every layout is lossless, so reference -> native -> reference is bit-exact.
+`_n2p`); every layout is lossless, so reference -> native -> reference is bit-exact. A native
+view fed a reference view of another [out, in] file (timm <-> HF) takes its kernels' rows as that
+file stores them (kernel_rows) rather than transposing them there and back.
 
     reshape          row-major reshape: batch axes on tokens ([D] <-> [1, 1, D]), heads split
                      out of q/k/v/out ([D, D] <-> [D, H, dh] / [H, dh, D]), or a plain copy
@@ -73,21 +75,39 @@ def native_shape(layout: Layout, reference_shapes: list[Shape], reshape_to: Shap
 
 
 def to_native(layout: Layout, arrays: list[np.ndarray], shape: Shape) -> np.ndarray:
+    """The native tensor of a row that does not transpose (kernel_rows makes the others)."""
     if layout is Layout.RESHAPE:
         out = arrays[0].reshape(shape)
-    elif layout is Layout.TRANSPOSE:
-        out = transposed(arrays[0])
     elif layout is Layout.CONV:
         out = arrays[0].transpose(3, 2, 0, 1)
-    elif layout is Layout.FUSED_TRANSPOSE:
-        out = np.empty(shape, np.result_type(*arrays))
-        row = 0
-        for a in arrays:
-            transposed(a, out[row : row + a.shape[1]])
-            row += a.shape[1]
     else:
         out = np.concatenate(arrays, axis=0)
     return np.ascontiguousarray(out)
+
+
+TRANSPOSING = (Layout.TRANSPOSE, Layout.FUSED_TRANSPOSE)
+
+
+def kernel_rows(params: Mapping[str, np.ndarray], names: tuple[str, ...], shape: Shape, dtype) -> np.ndarray:
+    """The kernels `names` ([in, out] each) transposed and stacked: a Linear weight [out, in].
+
+    Where `params` is a reference view of a file that stores them transposed too (timm's and HF's
+    Linear weights), the file's rows are taken as they are: converting between two such layouts
+    then transposes no kernel, where going through the reference transposed each twice. Both ways
+    give the same bits (a transpose moves values, it does not round them)."""
+    stored = [params.transposed(n) if isinstance(params, LazyTensors) else None for n in names]
+    if len(names) == 1 and stored[0] is not None:
+        return np.ascontiguousarray(stored[0])
+    out = np.empty(shape, dtype)
+    row = 0
+    for name, rows in zip(names, stored, strict=True):
+        part = out[row : row + spec_of(params, name)[0][1]]
+        if rows is None:
+            transposed(np.asarray(params[name]), part)
+        else:
+            part[...] = rows
+        row += len(part)
+    return out
 
 
 def transposed(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -180,6 +200,8 @@ def native_view(table: list[Rule], params: Mapping[str, np.ndarray], cfg: ViTCon
 
     def get(name: str) -> np.ndarray:
         r = rows[name]
+        if r.layout in TRANSPOSING:
+            return kernel_rows(params, r.reference, r.native_shape, specs[name][1])
         return to_native(r.layout, [np.asarray(params[n]) for n in r.reference], r.native_shape)
 
     return LazyTensors(specs, get)
@@ -190,11 +212,13 @@ def reference_view(
 ) -> LazyTensors:
     """The reference tree of a native one (arrays or a LazyTensors), each tensor computed when asked
     for; the parts of a fused row are computed together and the others kept until first asked
-    for, so reading q, k and v reads their fused tensor once."""
+    for, so reading q, k and v reads their fused tensor once. Its `transposed(name)` hands out a
+    kernel's rows as the file stores them (for kernel_rows), the same way."""
     check_names_and_shapes(stand_ins(native), {r.native: r.native_shape for r in table}, f"{fmt} checkpoint")
     shapes = param_shapes(cfg)
     rows = {n: r for r in table for n in r.reference}
     pending: dict[str, np.ndarray] = {}
+    pending_rows: dict[str, np.ndarray] = {}
 
     def get(name: str) -> np.ndarray:
         if name in pending:
@@ -211,7 +235,19 @@ def reference_view(
         pending.update(parts)
         return value
 
-    return LazyTensors({n: (shapes[n], spec_of(native, rows[n].native)[1]) for n in shapes}, get)
+    def get_transposed(name: str) -> np.ndarray | None:
+        if name in pending_rows:
+            return pending_rows.pop(name)
+        r = rows[name]
+        if r.layout not in TRANSPOSING:
+            return None
+        parts = dict(zip(r.reference, np.split(np.asarray(native[r.native]), len(r.reference)), strict=True))
+        value = parts.pop(name)
+        pending_rows.update(parts)
+        return value
+
+    specs = {n: (shapes[n], spec_of(native, rows[n].native)[1]) for n in shapes}
+    return LazyTensors(specs, get, get_transposed=get_transposed)
 
 
 def refuse(fmt: str, reasons: list[str]) -> None:
