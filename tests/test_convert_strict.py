@@ -301,6 +301,11 @@ READ_BACK = [
     ("flax", {}),
     ("vit_jax", dict(gelu="exact")),
     ("hf", dict(ln_eps=1e-6)),
+    # A fixed table over the class token too (timm's code), or over the patches only (big_vision's):
+    # no parameter shows it, and each file reads by its ecosystem's code.
+    ("torch", dict(posemb="sinusoidal_1d")),
+    ("flax", dict(posemb="sinusoidal_1d", posemb_on_cls=False)),
+    ("flax", dict(posemb="none")),  # posemb_on_cls means nothing here: the config's default either way
 ]
 
 
@@ -324,3 +329,21 @@ def test_the_warning_names_exactly_the_flags_that_read_the_file_back(tmp_path, c
         rest = sum((unit for unit in units if unit is not dropped), [])
         code, _, _ = cli(capsys, written, back, "--from", fmt, "--overwrite", *rest)
         assert code == 2 or vitspec.load(back)[0] != cfg, f"{' '.join(dropped)} was not needed"
+
+
+@pytest.mark.parametrize("fmt, on_cls", [("torch", False), ("flax", True)])
+def test_a_fixed_1d_posemb_over_other_tokens_than_the_formats_code_is_refused_unwritten(
+    tmp_path, capsys, fmt, on_cls
+):
+    cfg = SMALL.replace(posemb="sinusoidal_1d", posemb_on_cls=on_cls)
+    ref = tmp_path / "model.safetensors"
+    vitspec.save(ref, cfg, random_params(cfg, 0))
+    code, out, err = cli(capsys, ref, tmp_path / f"out{SUFFIX[fmt]}", "--to", fmt)
+    assert code == 2 and f"posemb='sinusoidal_1d' with posemb_on_cls={on_cls}" in err, err
+    assert "no parameter shows it" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_without_a_posemb_posemb_on_cls_is_the_default():
+    assert SMALL.replace(posemb="none", posemb_on_cls=False) == SMALL.replace(posemb="none")
+    assert SMALL.replace(posemb="none", posemb_on_cls=False).posemb_on_cls

@@ -62,7 +62,8 @@ class ViTConfig:
     register tokens (Darcet et al. 2023) are prepended in the order [class, registers, patches].
     `posemb_on_cls`: whether those prefix tokens get position embeddings too (default: yes, as timm,
     HF and vision_transformer; big_vision: no, it adds the posemb to the patches before prepending;
-    a CaiT: no).
+    a CaiT: no). With `posemb="none"` it means nothing and is always the default, so two configs of
+    the same model compare equal.
 
     Numerics that differ across ecosystems: `ln_eps` (timm and big_vision 1e-6, torch default
     1e-5, HF 1e-12) and `gelu` ("exact" = erf form, timm/HF; "tanh" = the approximation, which is
@@ -162,8 +163,8 @@ class ViTConfig:
         _choice("gelu", self.gelu, GELUS)
         if self.class_token is None:
             set_("class_token", self.pool == "token")
-        if self.posemb_on_cls is None:  # a CaiT's class token enters after the posemb
-            set_("posemb_on_cls", not self.class_attention_depth)
+        if self.posemb_on_cls is None or self.posemb == "none":
+            set_("posemb_on_cls", not self.class_attention_depth)  # a CaiT's class token enters after it
         booleans = ("class_token", "posemb_on_cls", "fc_norm", "qkv_bias", "qk_norm", "talking_heads")
         booleans += ("pre_norm", "patch_bias", "final_norm", "proj_bias", "pool_include_prefix", "distilled")
         for name in booleans:

@@ -208,6 +208,8 @@ def save_any(path: str | Path, fmt: str, cfg: ViTConfig, params: Mapping[str, np
     model.safetensors and the config.json transformers' `from_pretrained(path)` reads."""
     fmt = resolve_format(fmt)
     path = Path(path)
+    if fmt != REFERENCE:
+        EXTERNAL[fmt].refuse_file(cfg)
     if fmt in hf_directory.DIRECTORY_FORMATS and not path.suffix:
         EXTERNAL[fmt].table(cfg)  # refuses what the transformers class cannot express, before writing
         path.mkdir(parents=True, exist_ok=True)

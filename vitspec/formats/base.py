@@ -60,6 +60,25 @@ class Format:
         notes += absence_notes(self, cfg, native.keys(), given)
         return cfg, [settled_by_format(self, cfg, note) for note in notes]
 
+    def refuse_file(self, cfg: ViTConfig) -> None:
+        """Refuses to write a file of `cfg` that would read back as another model: a fixed 1-D posemb
+        over other tokens than its ecosystem's code adds it to. The table is no parameter, so the file
+        cannot show which tokens it covers, and a reader takes the ecosystem's (vitspec.formats.grid).
+        A model in memory (a backend's tree) is not refused: its config goes with it."""
+        conv = self.convention
+        if (
+            cfg.posemb == "sinusoidal_1d"
+            and cfg.num_prefix_tokens
+            and cfg.posemb_on_cls != conv.posemb_on_cls
+        ):
+            covers = "every token" if conv.posemb_on_cls else "the patches only"
+            reason = (
+                f"posemb='sinusoidal_1d' with posemb_on_cls={cfg.posemb_on_cls} beside class/distillation/"
+                f"register tokens: no parameter shows it, and a {conv.ecosystem} file reads as rows on "
+                f"{covers}"
+            )
+            refuse(self.name, [reason])
+
     def refuse_read(self, cfg: ViTConfig, hint: str | None = None) -> None:
         """Refuses the config read from a file that this layout cannot express; `hint` says what that
         means (by default: the format's models always have what this file lacks, HF a class token)."""

@@ -31,8 +31,8 @@ def source_grid(
     image = told_value("image_size", given, notes)
     grid = _grid_of_flag(image, facts.patch_size)
     rows = facts.posemb_rows
-    if rows is None:
-        return grid or _grid_without_posemb(facts.patch_size, notes), unseen
+    if rows is None:  # a fixed table, or none: the ecosystem's code decides which tokens it covers
+        return grid or _grid_without_posemb(facts.patch_size, notes), conv.posemb_on_cls and not cait
     if grid is not None:
         patches = grid[0] * grid[1]
         if prefix and rows == patches + prefix:

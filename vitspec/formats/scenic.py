@@ -115,11 +115,6 @@ def _told_only(native: Mapping[str, np.ndarray]) -> dict[str, str]:
     return {"posemb": why}
 
 
-def _settle(cfg: ViTConfig) -> ViTConfig:
-    """Scenic's 1-D table is added to the whole sequence: the class token is its row 0."""
-    return cfg.replace(posemb_on_cls=True) if cfg.posemb == "sinusoidal_1d" else cfg
-
-
 FORMAT = FamilyFormat(
     name=NAME,
     description="Scenic baseline ViT params (.npz of '/'-joined paths, .msgpack)",
@@ -130,7 +125,6 @@ FORMAT = FamilyFormat(
     read_facts=_facts,
     suffixes=(".npz", ".msgpack"),
     told_only=_told_only,
-    settle=_settle,
 )
 
 

@@ -200,11 +200,6 @@ def _cannot_express(cfg: ViTConfig) -> list[str]:
         )
     if cfg.pool == "sum":
         reasons.append("pool='sum': timm's global_pool has none ('avg', 'max', 'avgmax', 'token', 'map', '')")
-    if cfg.posemb == "sinusoidal_1d" and cfg.num_prefix_tokens and not cfg.posemb_on_cls:
-        reasons.append(
-            "posemb='sinusoidal_1d' on the patches only (posemb_on_cls=False) beside class/distillation/"
-            "register tokens: no parameter shows it, and a timm file reads as rows on every token"
-        )
     return reasons + (_distilled_lacks(cfg) if cfg.distilled else [])
 
 
