@@ -6,6 +6,7 @@ layouts as the source stores them."""
 from __future__ import annotations
 
 import io
+import itertools
 import threading
 
 import numpy as np
@@ -19,7 +20,7 @@ from vitspec.formats.checkpoint import open_reference
 from vitspec.formats.files import write_tensors
 from vitspec.formats.lazy import LazyTensors, finite, prefetched
 from vitspec.formats.safetensors_file import _empty_like_file, read_safetensors, write_safetensors
-from vitspec.formats.table import TRANSPOSING, transposed
+from vitspec.formats.table import TRANSPOSING, FormatError, transposed
 
 
 @pytest.mark.parametrize(
@@ -233,3 +234,36 @@ def test_a_nan_in_a_kernel_passed_as_stored_is_still_refused(tmp_path):
     with pytest.raises(Exception, match="NaN or infinite values in 1 tensor"):
         convert(tmp_path / "bad.pt", tmp_path / "out.safetensors", to_fmt="hf", heads=3, out=io.StringIO())
     assert not (tmp_path / "out.safetensors").exists()
+
+
+VIEW_CONFIGS = {  # configs that the layouts between them can express: plain, MAP head, CLIP, DINOv2, DeiT
+    "plain": dict(),
+    "map": dict(pool="map", class_token=False, gelu="tanh"),
+    "clip": dict(pre_norm=True, patch_bias=False, gelu="quick", ln_eps=1e-5),
+    "layer_scale": dict(layer_scale=1e-5, num_classes=0),
+    "distilled": dict(distilled=True),
+    "no_qkv_bias": dict(qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize("overrides", VIEW_CONFIGS.values(), ids=VIEW_CONFIGS)
+def test_every_pair_of_layouts_converts_through_views_as_through_arrays(overrides):
+    """A streamed conversion (the source's reference view under the target's native view, kernels
+    passed as stored where both are [out, in]) writes what converting whole trees writes."""
+    cfg = vitspec.variant("Ti/16").replace(depth=2, num_classes=5).replace(**overrides)
+    rng = np.random.default_rng(7)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in vitspec.param_shapes(cfg).items()}
+    natives = {}
+    for name, layout in EXTERNAL.items():
+        try:
+            natives[name] = layout.from_reference(params, cfg)
+        except FormatError:
+            continue  # a layout that cannot express this config
+    assert len(natives) >= 2
+    for (src, native), dst in itertools.product(natives.items(), natives):
+        source, target = EXTERNAL[src], EXTERNAL[dst]
+        view = target.native_view(source.reference_view(_as_stored(native), cfg), cfg)
+        assert list(view) == list(natives[dst]), (src, dst)
+        for name, value in natives[dst].items():
+            got = view[name]
+            assert got.dtype == value.dtype and np.array_equal(got, value), (src, dst, name)
