@@ -51,6 +51,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """Tear the process group down once every rank is done with it (a run's end). Left to the
+    interpreter's exit, gloo's threads can be destroyed still holding tensors, and the process
+    aborts ("terminate called without an active exception", pytorch/pytorch#190489): seen once, in
+    one rank of a torchrun run that had finished and written everything. Only after a run that
+    succeeded: a rank that failed leaves the others to their collective's timeout, as before."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The elementwise sum over the ranks (the tensor itself in one process)."""
     if dist.is_initialized():

@@ -215,10 +215,11 @@ def default_precision() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def topology() -> tuple[int, int, int, Callable[[], None]]:
-    """(rank, ranks, devices: one per rank, barrier), after joining torchrun's process group."""
+def topology() -> tuple[int, int, int, Callable[[], None], Callable[[], None]]:
+    """(rank, ranks, devices: one per rank, barrier, leave), after joining torchrun's process group."""
     distributed.init()
-    return distributed.rank(), distributed.world_size(), distributed.world_size(), distributed.barrier
+    ranks = distributed.world_size()
+    return distributed.rank(), ranks, ranks, distributed.barrier, distributed.leave
 
 
 if __name__ == "__main__":  # the training command with this backend; the app layer, entered from here

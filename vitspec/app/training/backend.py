@@ -59,6 +59,7 @@ class Topology:
     process_count: int = 1
     device_count: int = 1  # over all processes: the global batch is split over them
     barrier: Callable[[], None] = lambda: None
+    leave: Callable[[], None] = lambda: None  # after the run's last collective: the processes part
 
     @property
     def writer(self) -> bool:

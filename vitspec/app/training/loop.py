@@ -239,4 +239,6 @@ def train_and_evaluate(
     )
     state = train(run, *backend_state)
     run.topology.barrier()  # the best model written before every process reads it for the test
-    return final_report(run, state, time.perf_counter() - started)
+    summary = final_report(run, state, time.perf_counter() - started)
+    run.topology.leave()
+    return summary
