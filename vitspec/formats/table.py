@@ -217,34 +217,27 @@ def reference_view(
     check_names_and_shapes(stand_ins(native), {r.native: r.native_shape for r in table}, f"{fmt} checkpoint")
     shapes = param_shapes(cfg)
     rows = {n: r for r in table for n in r.reference}
-    pending: dict[str, np.ndarray] = {}
-    pending_rows: dict[str, np.ndarray] = {}
 
-    def get(name: str) -> np.ndarray:
-        if name in pending:
-            return pending.pop(name)
-        r = rows[name]
-        parts = dict(
-            zip(
-                r.reference,
-                to_reference(r.layout, np.asarray(native[r.native]), [shapes[n] for n in r.reference]),
-                strict=True,
-            )
-        )
-        value = parts.pop(name)
-        pending.update(parts)
-        return value
+    def once(split, pending: dict[str, np.ndarray]):
+        """name -> its part of its row's native tensor, by `split(row, tensor)`: the row's other
+        parts are kept in `pending` until asked for, so the tensor is read once for them all."""
+
+        def part(name: str) -> np.ndarray:
+            if name in pending:
+                return pending.pop(name)
+            r = rows[name]
+            parts = dict(zip(r.reference, split(r, np.asarray(native[r.native])), strict=True))
+            value = parts.pop(name)
+            pending.update(parts)
+            return value
+
+        return part
+
+    get = once(lambda r, tensor: to_reference(r.layout, tensor, [shapes[n] for n in r.reference]), {})
+    stored_rows = once(lambda r, tensor: np.split(tensor, len(r.reference)), {})
 
     def get_transposed(name: str) -> np.ndarray | None:
-        if name in pending_rows:
-            return pending_rows.pop(name)
-        r = rows[name]
-        if r.layout not in TRANSPOSING:
-            return None
-        parts = dict(zip(r.reference, np.split(np.asarray(native[r.native]), len(r.reference)), strict=True))
-        value = parts.pop(name)
-        pending_rows.update(parts)
-        return value
+        return stored_rows(name) if rows[name].layout in TRANSPOSING else None
 
     specs = {n: (shapes[n], spec_of(native, rows[n].native)[1]) for n in shapes}
     return LazyTensors(specs, get, get_transposed=get_transposed)
