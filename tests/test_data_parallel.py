@@ -222,3 +222,23 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(data_dir, tmp_p
     assert process.returncode == 2, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--batch-size 31" in errors[0] and "2 devices" in errors[0], output
+
+
+def test_jax_steps_queued_past_the_cpu_clients_limit_do_not_deadlock(data_dir):
+    """300 fp32 steps of a model whose step takes far longer than its dispatch, on 2 XLA devices:
+    without the loop's bound on steps in flight (vitspec.app.training.loop.MAX_STEPS_IN_FLIGHT) the
+    steps queue up past XLA's 32 per device and this run aborted in XLA's all-reduce rendezvous
+    in each of 2 tries (as a 160-epoch fmnist-fast run did twice in its first minute); with the bound
+    it finishes."""
+    many = data_dir.parent / "many"
+    write_fashion_mnist(many / "fashion-mnist", train=19_208, test=8)
+    model = {"depth": 2, "width": 128, "num_heads": 4, "mlp_dim": 256}
+    process = launch(
+        FLAX,
+        many,
+        data_dir.parent / "queued",
+        *("--model-overrides", json.dumps(model), "--precision", "fp32", "--batch-size", "64"),
+        *("--epochs", "1", "--warmup-epochs", "0", "--validation-size", "8", "--eval-batch-size", "8"),
+        env=TWO_DEVICES,
+    )
+    wait(process)

@@ -22,7 +22,7 @@ from backends.flax_vit import train as flax_train
 from backends.torch_vit import train as torch_train
 from parity_tests.strategies import random_params
 from vitspec.app import datasets, evaluate
-from vitspec.app.training import TrainConfig, normalization_table, train_and_evaluate
+from vitspec.app.training import TrainConfig, loop, normalization_table, train_and_evaluate
 from vitspec.app.training.backend import BACKEND_CLASSES, backend_module
 from vitspec.app.training.state import BEST, LAST, LAST_STATE_JSON, generation_files, read_manifest
 from vitspec.recipe import Recipe
@@ -289,6 +289,34 @@ def test_progress_into_a_log_is_whole_lines_at_the_interval(data_dir, tmp_path, 
         f"(step {i}/3)" in line and " left" in line and "img/s" in line
         for i, line in zip([1, 2, 3, 3], lines, strict=True)
     )
+
+
+def test_the_loop_keeps_at_most_max_steps_in_flight_unread(data_dir, tmp_path, monkeypatch):
+    """An asynchronous backend's step results are read (waited for) once more than
+    MAX_STEPS_IN_FLIGHT are unread: XLA's CPU client deadlocks past 32 per device (loop.py)."""
+    unread, most = set(), []
+
+    class Recorded(float):
+        def __new__(cls, value, step):
+            recorded = super().__new__(cls, float(value))
+            recorded.step = step
+            return recorded
+
+        def __float__(self):
+            unread.discard(self.step)
+            return super().__float__()
+
+    real_step = torch_train.TorchBackend.train_step
+
+    def train_step(self, *args, **kwargs):
+        most.append(len(unread))
+        loss, correct = real_step(self, *args, **kwargs)
+        unread.add(self.step)
+        return Recorded(loss, self.step), correct
+
+    monkeypatch.setattr(torch_train.TorchBackend, "train_step", train_step)
+    train_and_evaluate(config(data_dir, batch_size=4, epochs=1), tmp_path, "torch")  # 16 steps
+    assert len(most) == 16 and max(most) == loop.MAX_STEPS_IN_FLIGHT and not unread
 
 
 def test_a_workdir_holding_a_run_is_refused_without_resume_or_overwrite(data_dir, straight_runs, tmp_path):

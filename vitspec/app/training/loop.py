@@ -17,6 +17,7 @@ test-set evaluation summary.json, curves.png, confusion.png.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -48,6 +49,16 @@ from vitspec.app.training.state import (
 from vitspec.formats.checkpoint import nonfinite_names
 from vitspec.recipe import learning_rate
 
+# Steps an asynchronous backend (JAX) may have dispatched before the loop waits for the oldest.
+# XLA's CPU client admits 32 computations per device, and a launch past that waits for a slot on a
+# thread of the pool that also runs the devices' computations: queued further ahead, one device's
+# part of a step can sit in the step's all-reduce while the other's waits for a thread held by such
+# a launch, and XLA aborts the process after 40 s. Seen with 2 devices on 2 cores: a 2-device jit
+# with one all-reduce hung in every run dispatched 40 or more steps ahead, never at 31 or fewer
+# (tests/test_data_parallel.py holds a training run's case). 4 lose nothing: the main job's model
+# ran 1.03x as many images a second as with 31, in each of 3 interleaved rounds.
+MAX_STEPS_IN_FLIGHT = 4
+
 
 def train_epoch_steps(
     run: Run,
@@ -70,11 +81,13 @@ def train_epoch_steps(
         config.progress_every,
         enabled=run.topology.writer,
     )
-    pending: list[tuple[int, Any, Any, int]] = []  # (step, device scalars, images), read at each redraw
+    # (step, device scalars, images): read when more than MAX_STEPS_IN_FLIGHT wait, and at each redraw
+    pending: collections.deque[tuple[int, Any, Any, int]] = collections.deque()
     last_checkpoint = time.perf_counter()
 
-    def read_pending() -> None:
-        for step, loss, correct, n in pending:
+    def read_pending(keep: int = 0) -> None:
+        while len(pending) > keep:
+            step, loss, correct, n = pending.popleft()
             loss = float(loss)
             if not math.isfinite(loss):
                 raise ValueError(
@@ -85,7 +98,6 @@ def train_epoch_steps(
             state.progress.loss_sum += loss * n
             state.progress.correct += int(correct)
             state.progress.seen += n
-        pending.clear()
 
     started = time.perf_counter()
     while state.step < stop_step and state.loader.epoch == epoch:
@@ -94,10 +106,11 @@ def train_epoch_steps(
             batch.images, batch.labels, learning_rate(state.step, run.recipe), batch.mix
         )
         pending.append((state.step + 1, loss, correct, config.batch_size))  # the global batch's
+        read_pending(keep=MAX_STEPS_IN_FLIGHT)
         state.step, state.loader = state.step + 1, batch.next_state
         checkpoint_due = checkpoint and time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every
-        # Reading the scalars waits for the device: only when something is drawn or saved, so an
-        # asynchronous backend (JAX) keeps dispatching steps while the previous ones compute.
+        # Reading a step's scalars waits for it: the latest MAX_STEPS_IN_FLIGHT are read only when
+        # something is drawn or saved, so an asynchronous backend keeps steps queued while one computes.
         if line.due() or checkpoint_due:
             read_pending()
             state.progress.seconds += time.perf_counter() - started
