@@ -12,9 +12,9 @@ import pytest
 import vitspec
 from vitspec.app.convert import convert
 from vitspec.formats import hf, open_with_notes, timm
-from vitspec.formats.checkpoint import open_npz, write_npz
 from vitspec.formats.files import _read_msgpack, open_tensors, read_tensors, write_msgpack, write_tensors
 from vitspec.formats.lazy import LazyTensors
+from vitspec.formats.npz_file import open_npz, write_npz
 from vitspec.formats.safetensors_file import (
     CheckpointError,
     open_safetensors,

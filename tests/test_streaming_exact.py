@@ -15,11 +15,11 @@ import pytest
 import vitspec
 from vitspec.app.convert import convert
 from vitspec.formats import EXTERNAL
-from vitspec.formats.atomic import write_aligned
+from vitspec.formats.atomic import empty_aligned_as, write_aligned
 from vitspec.formats.checkpoint import open_reference
 from vitspec.formats.files import write_tensors
 from vitspec.formats.lazy import LazyTensors, finite, prefetched
-from vitspec.formats.safetensors_file import _empty_like_file, read_safetensors, write_safetensors
+from vitspec.formats.safetensors_file import read_safetensors, write_safetensors
 from vitspec.formats.table import TRANSPOSING, FormatError, transposed
 
 
@@ -138,16 +138,16 @@ def test_write_aligned_takes_the_position_of_a_file_that_cannot_tell_it():
 
 @pytest.mark.parametrize("offset", [0, 8, 60, 4096 + 24])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int8])
-def test_empty_like_file_is_aligned_as_the_file_and_for_its_dtype(offset, dtype):
+def test_empty_aligned_as_is_aligned_as_the_file_and_for_its_dtype(offset, dtype):
     dtype = np.dtype(dtype)
-    value = _empty_like_file((3, 5), dtype, offset * dtype.itemsize)
+    value = empty_aligned_as((3, 5), dtype, offset * dtype.itemsize)
     assert value.shape == (3, 5) and value.dtype == dtype
     assert value.flags.c_contiguous and value.flags.aligned and value.flags.writeable
     assert (value.ctypes.data - offset * dtype.itemsize) % 64 == 0
 
 
-def test_empty_like_file_at_an_offset_its_dtype_cannot_sit_at_is_plain():
-    value = _empty_like_file((4,), np.dtype(np.float32), 6)
+def test_empty_aligned_as_at_an_offset_its_dtype_cannot_sit_at_is_plain():
+    value = empty_aligned_as((4,), np.dtype(np.float32), 6)
     assert value.shape == (4,) and value.flags.aligned
 
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from collections.abc import Mapping
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
 from vitspec.config import ViTConfig
-from vitspec.formats.atomic import atomic_write, write_aligned
-from vitspec.formats.lazy import LazyTensors, finite, prefetched, stand_ins
+from vitspec.formats.atomic import atomic_write
+from vitspec.formats.lazy import LazyTensors, finite, stand_ins
+from vitspec.formats.npz_file import open_npz, write_npz
 from vitspec.formats.safetensors_file import (
     CheckpointError,
     clip,
@@ -31,31 +30,6 @@ CONFIG_KEY = "vitspec_config"
 FORMAT_KEY = "format"
 FORMAT_VALUE = "vitspec-reference"
 NPZ_CONFIG_KEY = "__vitspec_config__"
-
-
-def write_npz(f, arrays: Mapping[str, np.ndarray]) -> None:
-    """np.savez(f, **arrays), one member at a time: each value is produced, written and dropped
-    (np.savez takes them all at once; here the next is produced while one is written,
-    vitspec.formats.lazy.prefetched). The same zip layout: stored members `<name>.npy`, zip64."""
-    with (
-        zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipf,
-        closing(prefetched(arrays.__getitem__, arrays)) as values,
-    ):
-        for name, value in values:
-            value = np.asanyarray(value)
-            with zipf.open(name + ".npy", "w", force_zip64=True) as member:
-                if value.dtype.hasobject or not value.flags.c_contiguous or value.dtype.byteorder == ">":
-                    np.lib.format.write_array(member, value, allow_pickle=False)
-                else:  # write_array's header, then the data from the array's own memory (it copies)
-                    _write_npy_header(member, np.lib.format.header_data_from_array_1_0(value))
-                    write_aligned(member, value.reshape(-1).view(np.uint8), f.tell())
-
-
-def _write_npy_header(f, header: dict) -> None:
-    try:
-        np.lib.format.write_array_header_1_0(f, header)
-    except ValueError:  # a header too long for format 1.0, as write_array decides
-        np.lib.format.write_array_header_2_0(f, header)
 
 
 def nonfinite_names(params: dict[str, np.ndarray]) -> list[str]:
@@ -118,60 +92,6 @@ class _Joined(Mapping):
 
     def __len__(self):
         return len(set(self._first) | set(self._second))
-
-
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz file (no pickles), or a CheckpointError naming the file."""
-    return dict(open_npz(path))
-
-
-def open_npz(path: Path) -> LazyTensors:
-    """As read_npz, but each array is read from its zip member when asked for, and not kept.
-
-    Shapes and dtypes come from each member's .npy header; a member that has none readable is
-    read now, so that what np.load refuses is refused here as before."""
-    path = Path(path)
-    try:
-        npz = np.load(path, allow_pickle=False)
-        specs, eager = {}, {}
-        for name in npz.files:
-            spec = _npy_spec(npz, name)
-            if spec is None:
-                eager[name] = npz[name]
-                specs[name] = (np.shape(eager[name]), np.asarray(eager[name]).dtype)
-            else:
-                specs[name] = spec
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-
-    def get(name: str) -> np.ndarray:
-        if name in eager:
-            return eager[name]
-        try:
-            return npz[name]
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-
-    return LazyTensors(specs, get)
-
-
-def _npy_spec(npz, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
-    """(shape, dtype) from a member's .npy header, or None where that is not a plain array."""
-    member = name + ".npy"
-    if member not in npz.zip.namelist():
-        return None
-    with npz.zip.open(member) as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                return None
-        except ValueError:
-            return None
-    return None if dtype.hasobject else (shape, dtype)
 
 
 def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[ViTConfig, dict[str, np.ndarray]]:

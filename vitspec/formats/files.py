@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from vitspec.formats.atomic import atomic_write, write_aligned
-from vitspec.formats.checkpoint import open_npz, write_npz
 from vitspec.formats.lazy import LazyTensors, prefetched
+from vitspec.formats.npz_file import open_npz, write_npz
 from vitspec.formats.safetensors_file import CheckpointError, open_safetensors, write_safetensors
 from vitspec.formats.torch_file import write_state_dict
 

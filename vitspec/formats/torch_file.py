@@ -17,11 +17,11 @@ import os
 import re
 import struct
 import zipfile
-import zlib
 from collections.abc import Mapping
 from contextlib import closing
 
 import numpy as np
+from zlib_ng.zlib_ng import crc32
 
 from vitspec.formats.atomic import write_aligned
 from vitspec.formats.lazy import prefetched, spec_of
@@ -122,14 +122,14 @@ def _fill(
     serialization_id = names_hash + b"%020d" % _combined(written, [crcs[id(r)] for r in written])
     f.seek(id_record.data)
     f.write(serialization_id)
-    _write_crc(f, id_record, zlib.crc32(serialization_id))
+    _write_crc(f, id_record, crc32(serialization_id))
     f.seek(end)
 
 
 def _bytes_and_crc(value: np.ndarray) -> tuple[np.ndarray, int]:
     """The array as torch.save got it, and its CRC-32: computed beside the tensor being written."""
     value = np.ascontiguousarray(value)
-    return value, zlib.crc32(value.reshape(-1).view(np.uint8))
+    return value, crc32(value.reshape(-1).view(np.uint8))
 
 
 def _write_crc(f, record: _Record, crc: int) -> int:

@@ -17,16 +17,17 @@ import dataclasses
 import json
 import os
 import shutil
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zlib_ng.zlib_ng import crc32
 
 from vitspec.app import pipeline
 from vitspec.config import ViTConfig
 from vitspec.formats.checkpoint import atomic_write, load, save
+from vitspec.formats.npz_file import write_npz
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 # The run's data, as sizes and a checksum, beside the trajectory settings: a resume on other data
@@ -72,12 +73,12 @@ def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
     return crc
 
 
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: write_npz(f, arrays))
 
 
 def write_json(path: Path, value: Any) -> None:
