@@ -12,8 +12,9 @@ import pytest
 import vitspec
 from vitspec.app.convert import convert
 from vitspec.formats import hf, open_with_notes, timm
-from vitspec.formats.files import _read_msgpack, open_tensors, read_tensors, write_msgpack, write_tensors
+from vitspec.formats.files import open_tensors, read_tensors, write_tensors
 from vitspec.formats.lazy import LazyTensors
+from vitspec.formats.msgpack_file import _read_msgpack, open_msgpack, write_msgpack
 from vitspec.formats.npz_file import open_npz, write_npz
 from vitspec.formats.safetensors_file import (
     CheckpointError,
@@ -97,17 +98,18 @@ def test_streamed_msgpack_reader_matches_flax_restore(tmp_path):
         np.testing.assert_array_equal(got[k], expected[k])
 
 
-def test_streamed_msgpack_reader_refuses_truncated_and_extra_bytes(tmp_path):
+@pytest.mark.parametrize("read", [_read_msgpack, open_msgpack])
+def test_streamed_msgpack_reader_refuses_truncated_and_extra_bytes(tmp_path, read):
     from flax import serialization
 
     data = serialization.msgpack_serialize({"a": np.ones(100, np.float32)})
     path = tmp_path / "bad.msgpack"
     path.write_bytes(data[:-10])
     with pytest.raises(CheckpointError, match="not a readable flax msgpack file.*incomplete"):
-        _read_msgpack(path)
+        read(path)
     path.write_bytes(data + b"\x00")
     with pytest.raises(CheckpointError, match="not a readable flax msgpack file.*extra data"):
-        _read_msgpack(path)
+        read(path)
 
 
 @pytest.mark.parametrize("lazy", [False, True])

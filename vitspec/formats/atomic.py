@@ -66,6 +66,20 @@ def empty_aligned_as(shape: tuple[int, ...], dtype: np.dtype, offset: int) -> np
     return memory[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def read_array(f, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A new array of `shape` and `dtype` holding the bytes at `offset` of the unbuffered file `f`,
+    in memory aligned as the file; EOFError where the file ends first."""
+    value = empty_aligned_as(shape, dtype, offset)
+    f.seek(offset)
+    view, done = memoryview(value.reshape(-1).view(np.uint8)), 0
+    while done < len(view):  # an unbuffered read may return less than asked (2 GiB at most)
+        n = f.readinto(view[done:])
+        if not n:
+            raise EOFError
+        done += n
+    return value
+
+
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from zlib_ng.zlib_ng import crc32
 
-from vitspec.formats.atomic import empty_aligned_as, write_aligned
+from vitspec.formats.atomic import read_array, write_aligned
 from vitspec.formats.lazy import LazyTensors, prefetched
 from vitspec.formats.safetensors_file import CheckpointError
 
@@ -219,16 +219,11 @@ def _stored_member(f, archive: zipfile.ZipFile, member: str):
 
 
 def _read_stored(path: Path, f, name: str, spec, member: _Stored) -> np.ndarray:
-    shape, dtype = spec
-    value = empty_aligned_as(shape, dtype, member.data)
-    f.seek(member.data)
-    view, done = memoryview(value.reshape(-1).view(np.uint8)), 0
-    while done < len(view):  # an unbuffered read may return less than asked (2 GiB at most)
-        n = f.readinto(view[done:])
-        if not n:
-            raise CheckpointError(f"{path}: {name}.npy ends past the end of the file (truncated?)")
-        done += n
-    if crc32(view, member.header_crc) != member.crc:
+    try:
+        value = read_array(f, member.data, *spec)
+    except EOFError:
+        raise CheckpointError(f"{path}: {name}.npy ends past the end of the file (truncated?)") from None
+    if crc32(value.reshape(-1).view(np.uint8), member.header_crc) != member.crc:
         raise CheckpointError(f"{path}: {name}.npy does not match its CRC-32: the file is damaged")
     return value
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from vitspec.formats.atomic import atomic_write, empty_aligned_as, write_aligned
+from vitspec.formats.atomic import atomic_write, read_array, write_aligned
 from vitspec.formats.lazy import LazyTensors, prefetched, spec_of
 
 _ST_DTYPES = {
@@ -159,16 +159,12 @@ def _checked_header(path: Path, f, size: int) -> tuple[int, dict]:
 
 
 def _read_tensor(path: Path, f, data_start: int, name: str, info: dict) -> np.ndarray:
-    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    dtype, shape, (begin, _) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
     stored, _ = _read_dtype(path, name, dtype)
-    value = empty_aligned_as(shape, stored, data_start + begin)  # the package checked: end - begin bytes
-    f.seek(data_start + begin)
-    view, done = memoryview(value.reshape(-1).view(np.uint8)), 0
-    while done < end - begin:  # an unbuffered read may return less than asked (2 GiB at most)
-        n = f.readinto(view[done:])
-        if not n:
-            raise CheckpointError(f"{path}: shortened while being read; read it again")
-        done += n
+    try:  # the package checked that the offsets span the shape's bytes
+        value = read_array(f, data_start + begin, shape, stored)
+    except EOFError:
+        raise CheckpointError(f"{path}: shortened while being read; read it again") from None
     if dtype == "BF16":  # no NumPy dtype: widened to float32, exactly
         return (value.astype(np.uint32) << 16).view(np.float32)
     return value if stored.isnative else value.astype(stored.newbyteorder("="))
