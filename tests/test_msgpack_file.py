@@ -75,3 +75,22 @@ def test_a_file_cut_short_after_it_was_opened_is_refused(tmp_path):
         f.truncate(100)
     with pytest.raises(CheckpointError, match=r"tree\.msgpack: a ends past the end of the file"):
         lazy["a"]
+
+
+def test_duplicate_keys_and_deep_nesting_are_left_to_the_whole_file_parse(tmp_path):
+    """msgpack allows a key twice in one map (a dict keeps the last value), and nesting past any
+    parameter tree's: both left to the whole-file parse, which reads the first as flax does and
+    refuses the second as flax does."""
+    import msgpack
+
+    pack = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True).pack
+    path = tmp_path / "dup.msgpack"
+    first, last = np.zeros(3, np.float32), {"b": np.ones(2, np.float32)}
+    path.write_bytes(b"\x82" + pack("a") + pack(first) + pack("a") + pack(last))
+    expected = traverse_util.flatten_dict(serialization.msgpack_restore(path.read_bytes()), sep="/")
+    assert list(expected) == ["a/b"]
+    assert_same(open_msgpack(path), expected)
+    # 1,100 maps deep: past Python's recursion limit for a recursive walk, and past msgpack's stack
+    path.write_bytes(b"\x81\xa1n" * 1100 + b"\x81\xa1w" + pack(np.arange(4.0)))
+    with pytest.raises(CheckpointError, match="not a readable flax msgpack file"):
+        open_msgpack(path)

@@ -31,6 +31,7 @@ _STR = {0xD9: ">B", 0xDA: ">H", 0xDB: ">I"}
 _BIN = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}
 _EXT = {0xC7: ">B", 0xC8: ">H", 0xC9: ">I"}
 _FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_MAX_DEPTH = 64  # a parameter tree is a few maps deep; deeper is left to msgpack's own limits
 
 
 def open_msgpack(path: Path) -> LazyTensors:
@@ -73,7 +74,7 @@ class _Index:
     def arrays(self) -> dict | None:
         try:
             entries = self._map_length(self._byte())
-            self._walk("", entries)
+            self._walk("", entries, depth=1)
             if self.f.tell() != self.size:
                 raise _Unusual
         except _Unusual:
@@ -112,12 +113,19 @@ class _Index:
         except UnicodeDecodeError:
             raise _Unusual from None
 
-    def _walk(self, prefix: str, entries: int) -> None:
+    def _walk(self, prefix: str, entries: int, depth: int) -> None:
+        keys = set()
         for _ in range(entries):
-            name = prefix + self._key()
+            key = self._key()
+            if key in keys:  # a dict keeps the last value, in the first one's place: msgpack's parse
+                raise _Unusual
+            keys.add(key)
+            name = prefix + key
             first = self._byte()
             if 0x80 <= first <= 0x8F or first in _MAP:
-                self._walk(name + "/", self._map_length(first))
+                if depth == _MAX_DEPTH:
+                    raise _Unusual
+                self._walk(name + "/", self._map_length(first), depth + 1)
                 continue
             if first in _FIXEXT:
                 length = _FIXEXT[first]
