@@ -226,7 +226,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(data_dir, tmp_p
 
 def test_jax_steps_queued_past_the_cpu_clients_limit_do_not_deadlock(data_dir):
     """300 fp32 steps of a model whose step takes far longer than its dispatch, on 2 XLA devices:
-    without the loop's bound on steps in flight (vitspec.app.training.loop.MAX_STEPS_IN_FLIGHT) the
+    without the flax backend's bound on steps in flight (backends/flax_vit/train.py) the
     steps queue up past XLA's 32 per device and this run aborted in XLA's all-reduce rendezvous
     in each of 2 tries (as a 160-epoch fmnist-fast run did twice in its first minute); with the bound
     it finishes."""

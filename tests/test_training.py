@@ -22,7 +22,7 @@ from backends.flax_vit import train as flax_train
 from backends.torch_vit import train as torch_train
 from parity_tests.strategies import random_params
 from vitspec.app import datasets, evaluate
-from vitspec.app.training import TrainConfig, loop, normalization_table, train_and_evaluate
+from vitspec.app.training import TrainConfig, normalization_table, train_and_evaluate
 from vitspec.app.training.backend import BACKEND_CLASSES, backend_module
 from vitspec.app.training.state import BEST, LAST, LAST_STATE_JSON, generation_files, read_manifest
 from vitspec.recipe import Recipe
@@ -291,32 +291,27 @@ def test_progress_into_a_log_is_whole_lines_at_the_interval(data_dir, tmp_path, 
     )
 
 
-def test_the_loop_keeps_at_most_max_steps_in_flight_unread(data_dir, tmp_path, monkeypatch):
-    """An asynchronous backend's step results are read (waited for) once more than
-    MAX_STEPS_IN_FLIGHT are unread: XLA's CPU client deadlocks past 32 per device (loop.py)."""
-    unread, most = set(), []
+def test_the_flax_backend_waits_for_the_oldest_step_past_max_steps_in_flight():
+    """A caller that never reads a step's results still cannot queue more than MAX_STEPS_IN_FLIGHT
+    unfinished steps: past XLA's 32 per device its CPU client deadlocks (flax_vit/train.py)."""
+    cfg = vitspec.variant("cifar-notebook", depth=1)
+    table = normalization_table(datasets.STATS["cifar10"])
+    backend = flax_train.FlaxBackend(cfg, vitspec.init_params(cfg), Recipe(), table, "fp32", 0)
+    waited = []
 
-    class Recorded(float):
-        def __new__(cls, value, step):
-            recorded = super().__new__(cls, float(value))
-            recorded.step = step
-            return recorded
+    class Loss:
+        def __init__(self, step):
+            self.step = step
 
-        def __float__(self):
-            unread.discard(self.step)
-            return super().__float__()
+        def block_until_ready(self):
+            waited.append(self.step)
+            return self
 
-    real_step = torch_train.TorchBackend.train_step
-
-    def train_step(self, *args, **kwargs):
-        most.append(len(unread))
-        loss, correct = real_step(self, *args, **kwargs)
-        unread.add(self.step)
-        return Recorded(loss, self.step), correct
-
-    monkeypatch.setattr(torch_train.TorchBackend, "train_step", train_step)
-    train_and_evaluate(config(data_dir, batch_size=4, epochs=1), tmp_path, "torch")  # 16 steps
-    assert len(most) == 16 and max(most) == loop.MAX_STEPS_IN_FLIGHT and not unread
+    backend._train_step = lambda params, mu, nu, *batch: (params, mu, nu, Loss(backend.step), 0)
+    images, labels = np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.int64)
+    for _ in range(10):
+        backend.train_step(images, labels, 1e-3)
+    assert waited == list(range(1, 11 - flax_train.MAX_STEPS_IN_FLIGHT))  # the last 4 still in flight
 
 
 def test_a_workdir_holding_a_run_is_refused_without_resume_or_overwrite(data_dir, straight_runs, tmp_path):

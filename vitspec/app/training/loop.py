@@ -49,16 +49,6 @@ from vitspec.app.training.state import (
 from vitspec.formats.checkpoint import nonfinite_names
 from vitspec.recipe import learning_rate
 
-# Steps an asynchronous backend (JAX) may have dispatched before the loop waits for the oldest.
-# XLA's CPU client admits 32 computations per device, and a launch past that waits for a slot on a
-# thread of the pool that also runs the devices' computations: queued further ahead, one device's
-# part of a step can sit in the step's all-reduce while the other's waits for a thread held by such
-# a launch, and XLA aborts the process after 40 s. Seen with 2 devices on 2 cores: a 2-device jit
-# with one all-reduce hung in every run dispatched 40 or more steps ahead, never at 31 or fewer
-# (tests/test_data_parallel.py holds a training run's case). 4 lose nothing: the main job's model
-# ran 1.03x as many images a second as with 31, in each of 3 interleaved rounds.
-MAX_STEPS_IN_FLIGHT = 4
-
 
 def train_epoch_steps(
     run: Run,
@@ -81,12 +71,12 @@ def train_epoch_steps(
         config.progress_every,
         enabled=run.topology.writer,
     )
-    # (step, device scalars, images): read when more than MAX_STEPS_IN_FLIGHT wait, and at each redraw
+    # (step, device scalars, images): read at each redraw and save
     pending: collections.deque[tuple[int, Any, Any, int]] = collections.deque()
     last_checkpoint = time.perf_counter()
 
-    def read_pending(keep: int = 0) -> None:
-        while len(pending) > keep:
+    def read_pending() -> None:
+        while pending:
             step, loss, correct, n = pending.popleft()
             loss = float(loss)
             if not math.isfinite(loss):
@@ -106,11 +96,11 @@ def train_epoch_steps(
             batch.images, batch.labels, learning_rate(state.step, run.recipe), batch.mix
         )
         pending.append((state.step + 1, loss, correct, config.batch_size))  # the global batch's
-        read_pending(keep=MAX_STEPS_IN_FLIGHT)
         state.step, state.loader = state.step + 1, batch.next_state
         checkpoint_due = checkpoint and time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every
-        # Reading a step's scalars waits for it: the latest MAX_STEPS_IN_FLIGHT are read only when
-        # something is drawn or saved, so an asynchronous backend keeps steps queued while one computes.
+        # Reading a step's scalars waits for it: they are read only when something is drawn or saved,
+        # so an asynchronous backend keeps steps queued while one computes (as many as it allows:
+        # backends/flax_vit/train.py, MAX_STEPS_IN_FLIGHT).
         if line.due() or checkpoint_due:
             read_pending()
             state.progress.seconds += time.perf_counter() - started
