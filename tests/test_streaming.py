@@ -226,3 +226,16 @@ def test_open_with_notes_reads_no_values_until_asked(tmp_path):
     loaded = open_with_notes(src)
     assert isinstance(loaded.params, LazyTensors) and loaded.cfg == cfg
     np.testing.assert_array_equal(loaded.params["cls_token"], params["cls_token"])
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_streamed_reference_save_produces_each_tensor_once(tmp_path, suffix):
+    """A conversion's source tensor is read (and transposed) once per write; a membership test on a
+    lazy tree reads nothing (Mapping's default `in` would produce the value, as .npz saving did)."""
+    cfg = vitspec.variant("Ti/16", depth=1, image_size=32)
+    params = vitspec.init_params(cfg)
+    reads: list[str] = []
+    lazy = _lazy(params, reads)
+    assert "head/kernel" in lazy and "nothing" not in lazy and not reads
+    vitspec.save(tmp_path / f"x{suffix}", cfg, lazy)
+    assert sorted(reads) == sorted(params) and len(reads) == len(set(reads))

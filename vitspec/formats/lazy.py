@@ -39,6 +39,9 @@ class LazyTensors(Mapping):
             raise KeyError(name)
         return self._get(name)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs  # Mapping's own would produce the value to find out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
 
