@@ -239,3 +239,51 @@ def test_a_streamed_reference_save_produces_each_tensor_once(tmp_path, suffix):
     assert "head/kernel" in lazy and "nothing" not in lazy and not reads
     vitspec.save(tmp_path / f"x{suffix}", cfg, lazy)
     assert sorted(reads) == sorted(params) and len(reads) == len(set(reads))
+
+
+# (file or directory name, --to) of each format bench/convert_scale.py converts between
+PAIR_FORMATS = [
+    ("ref.safetensors", "ref"),
+    ("ref.npz", "ref"),
+    ("timm.pt", "torch"),
+    ("big_vision.npz", "flax"),
+    ("big_vision.msgpack", "flax"),
+    ("vit_jax.npz", "vit_jax"),
+    ("hf.safetensors", "hf"),
+    ("hf_dir", "hf"),
+]
+
+
+def test_every_conversion_reads_each_source_tensor_once(tmp_path, monkeypatch):
+    """Between every pair of formats, each stored tensor of the source is read from its file once
+    (a tree's lookups, views over views, and writers that need shapes first all read nothing)."""
+    from vitspec.formats import files, msgpack_file, npz_file, safetensors_file
+    from vitspec.formats.inference import reading_flags
+
+    cfg = vitspec.variant("Ti/16", depth=2, image_size=32)
+    flags = reading_flags(cfg)
+    flags["source_image_size"] = flags.pop("image_size")
+    vitspec.save(tmp_path / "source.safetensors", cfg, vitspec.init_params(cfg))
+    for name, to in PAIR_FORMATS:
+        convert(str(tmp_path / "source.safetensors"), str(tmp_path / name), to_fmt=to, out=io.StringIO())
+    reads: dict = {}
+
+    def counted(read, key):
+        def read_counted(*args):
+            reads[key(*args)] = reads.get(key(*args), 0) + 1
+            return read(*args)
+
+        return read_counted
+
+    for module in (npz_file, safetensors_file, msgpack_file):
+        where = lambda f, offset, *spec: (f.name, offset)  # noqa: E731
+        monkeypatch.setattr(module, "read_array", counted(module.read_array, where))
+    monkeypatch.setattr(files, "tensor_to_numpy", counted(files.tensor_to_numpy, lambda t: t.data_ptr()))
+
+    for source, _ in PAIR_FORMATS:
+        given = {} if source.startswith("ref.") else flags
+        for target, to in PAIR_FORMATS:
+            reads.clear()
+            out = str(tmp_path / ("out_" + target))
+            convert(str(tmp_path / source), out, to_fmt=to, overwrite=True, out=io.StringIO(), **given)
+            assert reads and max(reads.values()) == 1, (source, target, max(reads.values()))
