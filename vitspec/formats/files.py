@@ -70,7 +70,7 @@ def write_tensors(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
     if path.suffix == ".safetensors":
         write_safetensors(path, arrays)
     elif path.suffix == ".npz":
-        atomic_write(path, lambda f: write_npz(f, _Contiguous(arrays)))
+        atomic_write(path, lambda f: write_npz(f, arrays))  # it writes C order itself
     elif path.suffix in TORCH_SUFFIXES:
         atomic_write(path, lambda f: write_state_dict(f, arrays))
     elif path.suffix == ".msgpack":

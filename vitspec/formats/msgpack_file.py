@@ -268,21 +268,15 @@ def _write_ndarray_ext(f, value: np.ndarray) -> None:
 
     n = value.nbytes
     prefix = msgpack.packb((value.shape, value.dtype.name, b""), use_bin_type=True)[:-2]  # less bin8 b""
-    if n < 2**8:
-        prefix += b"\xc4" + struct.pack(">B", n)
-    elif n < 2**16:
-        prefix += b"\xc5" + struct.pack(">H", n)
-    else:
-        prefix += b"\xc6" + struct.pack(">I", n)
+    prefix += _sized(_BIN, n)
     length, code = len(prefix) + n, struct.pack(">b", serialization._MsgpackExtType.ndarray)
-    fixext = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
-    if length in fixext:
-        head = fixext[length]
-    elif length < 2**8:
-        head = b"\xc7" + struct.pack(">B", length)
-    elif length < 2**16:
-        head = b"\xc8" + struct.pack(">H", length)
-    else:
-        head = b"\xc9" + struct.pack(">I", length)
-    f.write(head + code + prefix)
+    fixext = {size: bytes([first]) for first, size in _FIXEXT.items()}
+    f.write(fixext.get(length) or _sized(_EXT, length))
+    f.write(code + prefix)
     write_aligned(f, value.reshape(-1).view(np.uint8))
+
+
+def _sized(headers: dict[int, str], n: int) -> bytes:
+    """msgpack's shortest header of `headers` (first byte: struct of the length) for length n."""
+    first, fmt = next((b, fmt) for b, fmt in headers.items() if n < 2 ** (8 * struct.calcsize(fmt)))
+    return bytes([first]) + struct.pack(fmt, n)

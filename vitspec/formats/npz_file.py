@@ -201,16 +201,10 @@ def _stored_member(f, archive: zipfile.ZipFile, member: str):
         return None  # np.load's reading of it says what is wrong
     start = info.header_offset + _LOCAL.size + sum(struct.unpack("<2H", local[26:30]))
     f.seek(start)
-    try:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-    except ValueError:
+    header = _npy_header(f)
+    if header is None:
         return None
+    shape, fortran_order, dtype = header
     header_len = f.tell() - start
     if fortran_order or dtype.hasobject or info.file_size != header_len + math.prod(shape) * dtype.itemsize:
         return None
@@ -234,14 +228,18 @@ def _npy_spec(npz, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
     if member not in npz.zip.namelist():
         return None
     with npz.zip.open(member) as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                return None
-        except ValueError:
-            return None
-    return None if dtype.hasobject else (shape, dtype)
+        header = _npy_header(f)
+    return None if header is None or header[2].hasobject else (header[0], header[2])
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) of the .npy header `f` starts at (format 1.0 or 2.0), or None."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(f)
+    except ValueError:
+        pass
+    return None
